@@ -1,0 +1,229 @@
+"""One typed settings object for the whole node (pydantic-settings).
+
+Precedence, lowest first: embedded defaults < TOML file < environment (``CXR_LENS_<SECTION>__<KEY>``) < CLI.
+The embedded defaults are the values documented in ``config/cxr-lens.toml`` (a test keeps the two equal), so
+the node runs with no file at all. Invalid configuration raises :class:`ConfigError` naming the key, before any
+port opens.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicom_node.errors import ConfigError
+
+DEMO_MODEL = "builtin:demo"
+ENV_PREFIX = "CXR_LENS_"
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cxr_lens_toml", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    path: str = DEMO_MODEL
+    id: str = "cxr-lens-demo-cnn"
+    version: str = "1.0.0"
+    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
+    input_size: tuple[int, int] = (256, 256)
+    channels: Literal[1, 3] = 1
+    preprocess: Literal["unit", "symmetric"] = "unit"
+    target_layer: str = "auto"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.path == DEMO_MODEL
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) < 2:
+            raise ValueError("at least two labels are needed")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 16 or max(v) > 2048:
+            raise ValueError("each side must lie in 16..2048")
+        return v
+
+
+class ExplainSettings(_Section):
+    method: Literal["gradcam", "gradcam-guided", "gradcam++", "hirescam", "layercam"] = "gradcam"
+    colormap: Literal["inferno", "turbo", "magma", "viridis", "jet"] = "inferno"
+    alpha: float = Field(0.45, ge=0.0, le=1.0)
+    # A raw map whose maximum is below this is reported as "no evidence" instead of being stretched.
+    no_evidence_threshold: float = Field(1e-6, ge=0.0)
+
+
+class PixelSettings(_Section):
+    max_pixels: int = Field(64_000_000, ge=1)
+    overlay_max_long_side: int = Field(2048, ge=64, le=8192)
+
+
+class WorkerSettings(_Section):
+    batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_ms: int = Field(50, ge=0, le=60_000)
+
+
+class NodeSettings(_Section):
+    ae_title: str = "CXRLENS"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    spool_dir: Path = Path("var/cxr-lens")
+    max_pdu: int = Field(1_048_576, ge=0)
+    max_associations: int = Field(10, ge=1)
+    free_disk_floor_mb: int = Field(512, ge=0)
+    http_port: int = Field(8080, ge=0, le=65535)
+    institution_name: str = ""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        ipaddress.ip_address(v)
+        return v
+
+
+class DestinationSettings(_Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
+class HL7Settings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=1, le=65535)
+    sending_application: str = "CXR_LENS"
+    sending_facility: str = "RADIOLOGY"
+    receiving_application: str = "HS_RESULTS"
+    receiving_facility: str = "HEALTHSHARE"
+    processing_id: Literal["P", "D", "T"] = "P"
+    accept_ack_type: Literal["AL", "NE", "ER", "SU"] = "AL"
+    application_ack_type: Literal["AL", "NE", "ER", "SU"] = "NE"
+    procedure_code: str = "36643-5"
+    procedure_coding_system: str = "LN"
+    procedure_text: str = "XR Chest 2V"
+    include_image: bool = True
+    image_long_side: int = Field(256, ge=32, le=1024)
+    ack_timeout_s: float = Field(15.0, gt=0)
+    retry_initial_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the node can be told. Sections mirror ``config/cxr-lens.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    model: ModelSettings = ModelSettings()
+    explain: ExplainSettings = ExplainSettings()
+    pixels: PixelSettings = PixelSettings()
+    worker: WorkerSettings = WorkerSettings()
+    node: NodeSettings = NodeSettings()
+    destinations: tuple[DestinationSettings, ...] = ()
+    hl7: HL7Settings = HL7Settings()
+    rules_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _toml_path.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _check_ae_title(v: str) -> str:
+    # PS3.5 Table 6.2-1 (AE): 16 characters of the default repertoire, no backslash or control characters.
+    if not 0 < len(v.strip()) <= 16 or "\\" in v or not v.isascii() or not v.isprintable():
+        raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
+    return v.strip()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse a CLI override ``section.key=value``; the value is read as TOML when it parses, else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [k.strip() for k in dotted.split(".") if k.strip()]
+    if not keys:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value: Any = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return keys, value
+
+
+def load_settings(config_file: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Load settings: defaults < ``config_file`` < environment < ``overrides`` (``section.key=value``)."""
+    path = Path(config_file) if config_file else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+    init: dict[str, Any] = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = init
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    token = _toml_path.set(path)
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _toml_path.reset(token)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{key}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
