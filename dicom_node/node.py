@@ -1,0 +1,162 @@
+"""The node's life cycle: start the receiving, processing and sending threads in order, stop them gracefully.
+
+Everything it runs is handed in (``pipeline.compose`` builds the parts), so a test can start a whole node on
+free ports with fake stages. Start order: requeue interrupted jobs, worker, senders, SCP, HTTP. Stop order:
+SCP first (no new input), then the worker finishes its batch, then the senders, then HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Protocol
+
+from dicom_node.metrics import Metrics, MetricsServer
+from dicom_node.outbox import Outbox
+from dicom_node.scp import RulesCheck, StorageSCP
+from dicom_node.scu import DicomSender
+from dicom_node.settings import Settings
+from dicom_node.store import JobQueue, Spool, jobs_path
+from dicom_node.worker import ProcessBatch, Worker
+
+LOG = logging.getLogger(__name__)
+
+
+class BackgroundSender(Protocol):
+    """Anything that delivers from the outbox until told to stop (the HL7 MLLP sender, for instance)."""
+
+    def run_forever(self, stop_event: threading.Event) -> None: ...
+
+
+class Node:
+    """One CXR Lens node: Storage SCP -> job queue -> worker -> outbox -> senders, plus /metrics and /healthz."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        process_batch: ProcessBatch,
+        dicom_sender: DicomSender,
+        hl7_sender: BackgroundSender | None = None,
+        rules_check: RulesCheck | None = None,
+        spool: Spool | None = None,
+        queue: JobQueue | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.spool = spool if spool is not None else Spool(settings.node.spool_dir)
+        self._owns_queue = queue is None
+        self.queue = queue if queue is not None else JobQueue(jobs_path(settings.node.spool_dir))
+        self.dicom_sender = dicom_sender
+        self.hl7_sender = hl7_sender
+        # Senders built without metrics count on the node's registry (an HL7 sender opts in with `metrics = None`).
+        for sender in (dicom_sender, hl7_sender):
+            if sender is not None and getattr(sender, "metrics", False) is None:
+                sender.metrics = self.metrics  # type: ignore[union-attr]
+        self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
+        self.worker = Worker(
+            self.queue,
+            self.spool,
+            process_batch,
+            batch_size=settings.worker.batch_size,
+            batch_wait_ms=settings.worker.batch_wait_ms,
+            metrics=self.metrics,
+        )
+        self.http: MetricsServer | None = None
+        self._stop_senders = threading.Event()
+        self._sender_threads: dict[str, threading.Thread] = {}
+        self.metrics.register_gauges(
+            "jobs", "Jobs in the queue by state", ("state",),
+            lambda: {(state,): n for state, n in self.queue.counts().items()},
+        )
+        self.metrics.register_gauges(
+            "outbox_items", "Outbox items by channel and state", ("channel", "state"),
+            lambda: dict(self._outbox().counts()),
+        )
+        # pynetdicom logs UIDs at INFO and whole data sets at DEBUG: keep it quiet unless configured explicitly.
+        pnd = logging.getLogger("pynetdicom")
+        if pnd.level == logging.NOTSET:
+            pnd.setLevel(logging.WARNING)
+
+    def _outbox(self) -> Outbox:
+        return self.dicom_sender.outbox
+
+    @property
+    def scp_port(self) -> int:
+        return self.scp.port
+
+    @property
+    def http_port(self) -> int:
+        if self.http is None:
+            raise RuntimeError("the HTTP server is not running")
+        return self.http.port
+
+    def start(self) -> None:
+        """Start everything; if any part fails to start, stop what did start and re-raise."""
+        try:
+            requeued = self.queue.requeue_processing()
+            if requeued:
+                LOG.info("requeued %d job(s) interrupted by the last shutdown", requeued)
+            self.worker.start()
+            self._stop_senders.clear()
+            self._start_sender("dicom", self.dicom_sender)
+            if self.hl7_sender is not None:
+                self._start_sender("hl7", self.hl7_sender)
+            self.scp.start()
+            self.http = MetricsServer(
+                self.metrics, self.health, host=self.settings.node.host, port=self.settings.node.http_port
+            )
+            self.http.start()
+        except BaseException:
+            self.stop()
+            raise
+        LOG.info("node %s started: DICOM port %d, HTTP port %d", self.settings.node.ae_title, self.scp_port,
+                 self.http_port)
+
+    def _start_sender(self, name: str, sender: BackgroundSender) -> None:
+        thread = threading.Thread(
+            target=sender.run_forever, args=(self._stop_senders,), name=f"cxr-lens-{name}-sender", daemon=True
+        )
+        thread.start()
+        self._sender_threads[name] = thread
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop: refuse new associations, finish the batch in hand, stop the senders."""
+        self.scp.stop()
+        self.worker.stop(timeout)
+        self._stop_senders.set()
+        self.dicom_sender.wake()
+        for thread in self._sender_threads.values():
+            thread.join(timeout)
+        self._sender_threads.clear()
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self._owns_queue:
+            self.queue.close()
+        LOG.info("node %s stopped", self.settings.node.ae_title)
+
+    def health(self) -> dict[str, Any]:
+        """``/healthz``: ok when the SCP listens and every thread is alive; queue depths by state."""
+        components = {
+            "scp": self.scp.running,
+            "worker": self.worker.alive,
+            **{f"{name}_sender": t.is_alive() for name, t in self._sender_threads.items()},
+        }
+        outbox: dict[str, dict[str, int]] = {}
+        for (channel, state), n in self._outbox().counts().items():
+            outbox.setdefault(channel, {})[state] = n
+        return {
+            "ok": all(components.values()),
+            "components": components,
+            "jobs": self.queue.counts(),
+            "outbox": outbox,
+        }
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,261 @@
+"""Receiving: a Storage SCP that spools each instance durably, queues a job and answers within milliseconds.
+
+The C-STORE handler runs inside the association's thread (pynetdicom), and PACS senders wait only a few seconds
+for the answer (Orthanc: ``DicomScuTimeout`` 10 s), so the handler never renders or infers: it checks the
+header parses, checks free disk, writes the received bytes as they came (no transcoding), records a job and
+answers. Statuses are those of the Storage Service Class, PS3.4 Annex B.2.3, and PS3.7 Annex C.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.metrics import Metrics
+from dicom_node.settings import NodeSettings
+from dicom_node.store import JobQueue, Spool, uid_hash
+
+try:
+    from dicom_node.pixels import SUPPORTED_TRANSFER_SYNTAXES
+except ModuleNotFoundError as exc:  # pixels.py is being written in parallel; this list mirrors what it decodes.
+    if exc.name != "dicom_node.pixels":
+        raise
+    SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (  # type: ignore[no-redef]
+        "1.2.840.10008.1.2",  # Implicit VR Little Endian
+        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
+        "1.2.840.10008.1.2.4.202",  # High-Throughput JPEG 2000 with RPCL Options Lossless Only
+        "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+    )
+
+LOG = logging.getLogger(__name__)
+
+#: Storage SOP classes we accept (PS3.4 B.5). Anything else is refused at association negotiation.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (
+    ComputedRadiographyImageStorage,  # 1.2.840.10008.5.1.4.1.1.1
+    DigitalXRayImageStorageForPresentation,  # 1.2.840.10008.5.1.4.1.1.1.1
+    DigitalXRayImageStorageForProcessing,  # 1.2.840.10008.5.1.4.1.1.1.1.1
+    SecondaryCaptureImageStorage,  # 1.2.840.10008.5.1.4.1.1.7 (digitised films arrive as SC)
+)
+
+#: Eligibility check on the header: ``(eligible, rule, reason)``.
+RulesCheck = Callable[[Dataset], tuple[bool, str | None, str]]
+
+
+class StoreStatus(enum.IntEnum):
+    """Every C-STORE response status this SCP emits (PS3.4 Table B.2-1, PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+    REFUSED_OUT_OF_RESOURCES = 0xA700
+    ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    ERROR_CANNOT_UNDERSTAND = 0xC210
+
+
+#: Error Comment (0000,0902) sent with each failure status; LO, at most 64 characters.
+STORE_STATUS_COMMENT: dict[StoreStatus, str] = {
+    StoreStatus.SUCCESS: "",
+    StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED: "SOP Class not supported by CXR Lens",
+    StoreStatus.REFUSED_OUT_OF_RESOURCES: "Out of resources: spool storage unavailable, retry later",
+    StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS: "SOP Class UID in data set differs from request",
+    StoreStatus.ERROR_CANNOT_UNDERSTAND: "Cannot understand: data set could not be parsed",
+}
+
+
+@dataclass(frozen=True)
+class _StoreDeps:
+    spool: Spool
+    queue: JobQueue
+    rules_check: RulesCheck | None
+    free_disk_floor_bytes: int
+    metrics: Metrics | None
+
+
+def _answer(status: StoreStatus, deps: _StoreDeps, started: float) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = int(status)
+    if comment := STORE_STATUS_COMMENT[status]:
+        rsp.ErrorComment = comment
+    if deps.metrics is not None:
+        deps.metrics.cstore_status.labels(status=f"0x{int(status):04X}").inc()
+        deps.metrics.cstore_seconds.observe(time.perf_counter() - started)
+    return rsp
+
+
+def _parse_header(event: Event) -> Dataset:
+    """Decode the received data set fully (pydicom defers parsing); raises on anything malformed."""
+    ds = event.dataset
+    for _ in ds.iterall():
+        pass
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        raise ValueError("SOP Class UID or SOP Instance UID missing")
+    return ds
+
+
+def handle_store(event: Event, deps: _StoreDeps) -> Dataset:
+    """``evt.EVT_C_STORE``: spool + job, then answer (PS3.4 B.2.2). Never raises: failures map to a status."""
+    started = time.perf_counter()
+    if deps.metrics is not None:
+        deps.metrics.received.inc()
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    sop_class = str(event.request.AffectedSOPClassUID)
+    if sop_class not in STORAGE_SOP_CLASSES:
+        LOG.warning("C-STORE from %s: SOP Class %s not supported", calling_ae, sop_class)
+        return _answer(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, deps, started)
+
+    try:
+        ds = _parse_header(event)
+    except Exception as exc:  # noqa: BLE001 (any decoder failure is "cannot understand", answered, not raised)
+        LOG.warning("C-STORE from %s: data set not parseable (%s)", calling_ae, type(exc).__name__)
+        return _answer(StoreStatus.ERROR_CANNOT_UNDERSTAND, deps, started)
+    if str(ds.SOPClassUID) != sop_class:
+        LOG.warning("C-STORE from %s: SOP Class UID in data set differs from the request", calling_ae)
+        return _answer(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, deps, started)
+    instance = uid_hash(str(ds.SOPInstanceUID))
+
+    data = event.encoded_dataset(include_meta=True)  # as received: no decode/re-encode
+    try:
+        free = shutil.disk_usage(deps.spool.dir).free
+        if free - len(data) < deps.free_disk_floor_bytes:
+            LOG.error(
+                "C-STORE from %s: refused, free disk %d MiB below floor %d MiB",
+                calling_ae, free >> 20, deps.free_disk_floor_bytes >> 20,
+            )
+            return _answer(StoreStatus.REFUSED_OUT_OF_RESOURCES, deps, started)
+        key = deps.spool.write(data)
+        job_id, is_new = deps.queue.add(key, calling_ae=calling_ae, uid_hash=instance)
+    except (OSError, sqlite3.Error) as exc:
+        LOG.error("C-STORE from %s: spool or queue write failed (%s)", calling_ae, type(exc).__name__)
+        return _answer(StoreStatus.REFUSED_OUT_OF_RESOURCES, deps, started)
+
+    if not is_new:
+        if deps.metrics is not None:
+            deps.metrics.duplicates.inc()
+        LOG.info("C-STORE from %s: instance %s already received (job %d, spool %s)", calling_ae, instance, job_id,
+                 key[:12])
+        return _answer(StoreStatus.SUCCESS, deps, started)
+
+    if deps.metrics is not None:
+        deps.metrics.stored.inc()
+    if deps.rules_check is not None:
+        _check_eligibility(ds, job_id, deps)
+    LOG.info("C-STORE from %s: instance %s stored as job %d (spool %s)", calling_ae, instance, job_id, key[:12])
+    return _answer(StoreStatus.SUCCESS, deps, started)
+
+
+def _check_eligibility(ds: Dataset, job_id: int, deps: _StoreDeps) -> None:
+    assert deps.rules_check is not None
+    try:
+        eligible, rule, reason = deps.rules_check(ds)
+    except Exception as exc:  # noqa: BLE001 (the instance is already stored; record why the job cannot proceed)
+        LOG.error("job %d: eligibility check raised %s", job_id, type(exc).__name__)
+        deps.queue.fail(job_id, f"eligibility check raised {type(exc).__name__}")
+        return
+    if not eligible:
+        deps.queue.mark_ineligible(job_id, rule, reason)
+        if deps.metrics is not None:
+            deps.metrics.ineligible.labels(rule=rule or "").inc()
+        LOG.info("job %d: not eligible (rule %s)", job_id, rule)
+
+
+def handle_echo(event: Event) -> int:
+    """``evt.EVT_C_ECHO``: Verification (PS3.4 Annex A) always succeeds."""
+    return 0x0000
+
+
+class StorageSCP:
+    """Storage SCP on ``settings.host:settings.port`` (``port=0``: a free one, see :attr:`port`)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        queue: JobQueue,
+        *,
+        rules_check: RulesCheck | None = None,
+        metrics: Metrics | None = None,
+        transfer_syntaxes: Iterable[str] = SUPPORTED_TRANSFER_SYNTAXES,
+        require_called_aet: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._deps = _StoreDeps(spool, queue, rules_check, settings.free_disk_floor_mb * 1024 * 1024, metrics)
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        ae.maximum_pdu_size = settings.max_pdu
+        # Peers must call us by our AE title (a string match only: pair it with a network allowlist).
+        ae.require_called_aet = require_called_aet
+        ae.add_supported_context(Verification)
+        syntaxes = [UID(ts) for ts in transfer_syntaxes]
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        self._ae = ae
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                return
+            handlers = [
+                (evt.EVT_C_STORE, handle_store, [self._deps]),
+                (evt.EVT_C_ECHO, handle_echo),
+            ]
+            self._server = self._ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            )
+        LOG.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting associations, let open ones finish for up to ``grace_s``, then abort the rest."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        active = list(server.active_associations)
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        for assoc in active:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                assoc.abort()
+        LOG.info("Storage SCP %s stopped", self.settings.ae_title)

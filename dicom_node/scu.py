@@ -1,0 +1,294 @@
+"""Sending DICOM: deliver Secondary Captures from the durable outbox to each destination by C-STORE.
+
+Every SC is stored in the outbox (channel ``dicom``, destination ``AE@host:port``) before any attempt, and
+stays there until the destination accepts it. What each C-STORE status (PS3.4 Table B.2-1, PS3.7 Annex C) and
+each association outcome (PS3.8 9.3.4 A-ASSOCIATE-RJ) means for an item is decided by the two tables below:
+done, retry with exponential backoff, or park with the reason (shown by ``cxr-lens status``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from io import BytesIO
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+from dicom_node.metrics import Metrics
+from dicom_node.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.settings import DestinationSettings
+from dicom_node.store import uid_hash
+
+LOG = logging.getLogger(__name__)
+
+CHANNEL = "dicom"
+
+
+class Disposition(enum.StrEnum):
+    DONE = "done"
+    RETRY = "retry"
+    PARK = "park"
+
+
+#: C-STORE response statuses we name explicitly (PS3.4 Table B.2-1; PS3.7 Annex C).
+STORE_STATUS_DISPOSITION: dict[int, Disposition] = {
+    0x0000: Disposition.DONE,  # Success
+    0xB000: Disposition.DONE,  # Warning: coercion of data elements
+    0xB006: Disposition.DONE,  # Warning: elements discarded
+    0xB007: Disposition.DONE,  # Warning: data set does not match SOP Class
+    0x0122: Disposition.PARK,  # Refused: SOP Class not supported
+    0x0124: Disposition.PARK,  # Refused: not authorised
+    0x0211: Disposition.PARK,  # Unrecognised operation
+    0x0212: Disposition.PARK,  # Mistyped argument
+    0x0110: Disposition.RETRY,  # Processing failure (the peer's trouble, often passing)
+    0x0213: Disposition.RETRY,  # Resource limitation
+}
+#: Status ranges, checked after the exact codes above.
+STORE_STATUS_RANGES: tuple[tuple[int, int, Disposition], ...] = (
+    (0xA700, 0xA7FF, Disposition.RETRY),  # Refused: out of resources
+    (0xA900, 0xA9FF, Disposition.PARK),  # Error: data set does not match SOP Class
+    (0xC000, 0xCFFF, Disposition.PARK),  # Error: cannot understand
+    (0xB000, 0xBFFF, Disposition.DONE),  # other warnings: stored
+)
+
+
+class AssociationOutcome(enum.StrEnum):
+    CONNECTION_FAILED = "connection failed"
+    REJECTED_TRANSIENT = "association rejected (transient)"
+    REJECTED_PERMANENT = "association rejected (permanent)"
+    ABORTED = "association aborted"
+    NO_RESPONSE = "no response (timeout or abort)"
+    NO_PRESENTATION_CONTEXT = "no presentation context accepted for the SOP Class / transfer syntax"
+    PAYLOAD_UNREADABLE = "outbox payload is not a readable DICOM file"
+
+
+ASSOCIATION_DISPOSITION: dict[AssociationOutcome, Disposition] = {
+    AssociationOutcome.CONNECTION_FAILED: Disposition.RETRY,
+    AssociationOutcome.REJECTED_TRANSIENT: Disposition.RETRY,
+    AssociationOutcome.REJECTED_PERMANENT: Disposition.PARK,
+    AssociationOutcome.ABORTED: Disposition.RETRY,
+    AssociationOutcome.NO_RESPONSE: Disposition.RETRY,
+    AssociationOutcome.NO_PRESENTATION_CONTEXT: Disposition.PARK,
+    AssociationOutcome.PAYLOAD_UNREADABLE: Disposition.PARK,
+}
+
+
+def store_status_disposition(status: int) -> Disposition:
+    """What a C-STORE response status means for the item; unknown statuses park (visible, not looping)."""
+    if status in STORE_STATUS_DISPOSITION:
+        return STORE_STATUS_DISPOSITION[status]
+    for low, high, disposition in STORE_STATUS_RANGES:
+        if low <= status <= high:
+            return disposition
+    return Disposition.PARK
+
+
+def store_status_text(status: int, comment: str = "") -> str:
+    """``0xA900 Failure: Data Set does not match SOP Class (comment)`` for logs and ``status``."""
+    category, text = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))
+    if not text:
+        for low, high, disposition in STORE_STATUS_RANGES:
+            if low <= status <= high:
+                text = {0xA7: "Out of Resources", 0xA9: "Data Set does not match SOP Class",
+                        0xC0: "Cannot understand", 0xB0: "Warning"}.get(low >> 8, disposition.value)
+                break
+    parts = [f"0x{status:04X}", f"{category}: {text}" if category else text or "unknown status"]
+    if comment:
+        parts.append(f"({comment[:64]})")
+    return " ".join(p for p in parts if p)
+
+
+def destination_key(dest: DestinationSettings) -> str:
+    """The outbox destination string: ``AE@host:port``."""
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+class DicomSender:
+    """Delivers Secondary Captures (DICOM Part 10 bytes) from the outbox to every configured destination.
+
+    Items of one destination leave in FIFO order (the outbox head blocks the ones behind it until it is done
+    or parked). Due items of one SOP Class / transfer syntax share an association.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Iterable[DestinationSettings],
+        *,
+        ae_title: str,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 300.0,
+        timeout_s: float = 30.0,
+        max_pdu: int = 1_048_576,
+        metrics: Metrics | None = None,
+        poll_s: float = 0.25,
+    ) -> None:
+        self.outbox = outbox
+        self.destinations = tuple(destinations)
+        self.ae_title = ae_title
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.timeout_s = timeout_s
+        self.max_pdu = max_pdu
+        self.metrics = metrics
+        self._poll_s = poll_s
+        self._wake = threading.Event()
+
+    def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str) -> list[int]:
+        """Store one SC for every destination; returns the outbox ids.
+
+        ``resend=True``: when the same ``dedup_key`` was already delivered (a study sent to us again), the new
+        SC replaces it and is delivered again.
+        """
+        ids = [
+            self.outbox.enqueue(CHANNEL, destination_key(d), dedup_key, sc_dataset_bytes, resend=True)
+            for d in self.destinations
+        ]
+        if not ids:
+            LOG.warning("no DICOM destinations configured: Secondary Capture not queued")
+        self._wake.set()
+        return ids
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Deliver until ``stop_event`` is set; wakes at once on :meth:`enqueue`, else when a retry is due."""
+        while not stop_event.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 (a sender bug must not end delivery; the item stays in the outbox)
+                LOG.exception("DICOM sender loop error")
+            self._wake.wait(self._seconds_to_next_due())
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _seconds_to_next_due(self) -> float:
+        now = time.time()
+        wait = self._poll_s
+        for dest in self.destinations:
+            head = self.outbox.head(CHANNEL, destination_key(dest))
+            if head is not None:
+                wait = min(wait, max(0.0, head.next_attempt_at - now))
+        return wait
+
+    def run_once(self) -> int:
+        """Attempt every due item once (per destination, FIFO); returns the number of C-STOREs attempted."""
+        return sum(self._serve(dest) for dest in self.destinations)
+
+    def _serve(self, dest: DestinationSettings) -> int:
+        key = destination_key(dest)
+        item = self.outbox.due(CHANNEL, key)
+        attempted = 0
+        while item is not None:
+            try:
+                ds = dcmread(BytesIO(item.payload))
+                context = (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
+            except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
+                self._settle(item, key, Disposition.PARK, AssociationOutcome.PAYLOAD_UNREADABLE.value)
+                item = self.outbox.due(CHANNEL, key)
+                continue
+            assoc = self._associate(dest, *context)
+            if not assoc.is_established:
+                outcome, detail = _association_failure(assoc)
+                self._settle(item, key, ASSOCIATION_DISPOSITION[outcome], detail)
+                return attempted + 1
+            try:
+                item, sent, keep_going = self._send_run(assoc, key, item, ds, context)
+                attempted += sent
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            if not keep_going:
+                break
+        return attempted
+
+    def _send_run(
+        self, assoc: Association, key: str, item: OutboxItem, ds: Dataset, context: tuple[UID, UID]
+    ) -> tuple[OutboxItem | None, int, bool]:
+        """Send due items with the same context over one association; stops at a retry or a context change."""
+        sent = 0
+        current: OutboxItem | None = item
+        while current is not None:
+            sent += 1
+            try:
+                status = assoc.send_c_store(ds)
+            except (RuntimeError, ValueError):  # the association dropped under us
+                self._settle(current, key, Disposition.RETRY, AssociationOutcome.ABORTED.value)
+                return None, sent, False
+            if "Status" not in status:
+                self._settle(current, key, Disposition.RETRY, AssociationOutcome.NO_RESPONSE.value)
+                return None, sent, False
+            code = int(status.Status)
+            disposition = store_status_disposition(code)
+            self._settle(current, key, disposition, store_status_text(code, str(status.get("ErrorComment", ""))))
+            if disposition == Disposition.RETRY or not assoc.is_established:
+                return None, sent, False
+            current = self.outbox.due(CHANNEL, key)
+            if current is None:
+                return None, sent, False
+            try:
+                ds = dcmread(BytesIO(current.payload))
+                same = (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID)) == context
+            except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
+                same = False
+            if not same:
+                return current, sent, True  # new association for the next item (or park an unreadable one)
+        return None, sent, False
+
+    def _associate(self, dest: DestinationSettings, sop_class: UID, transfer_syntax: UID) -> Association:
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = self.timeout_s
+        ae.dimse_timeout = self.timeout_s
+        ae.network_timeout = self.timeout_s
+        # The SC's own transfer syntax in a context of its own, so an acceptor that takes it cannot pick another
+        # one; an uncompressed SC may fall back to the other uncompressed syntaxes (pynetdicom re-encodes).
+        ae.add_requested_context(sop_class, [transfer_syntax])
+        if not transfer_syntax.is_compressed:
+            fallback = [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != transfer_syntax]
+            ae.add_requested_context(sop_class, fallback)
+        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu)
+
+    def _settle(self, item: OutboxItem, key: str, disposition: Disposition, detail: str) -> None:
+        ref = uid_hash(item.dedup_key)
+        if disposition == Disposition.DONE:
+            self.outbox.mark_done(item.id)
+            if self.metrics is not None:
+                self.metrics.sc_sent.inc()
+            LOG.info("SC %d (%s) delivered to %s: %s", item.id, ref, key, detail)
+        elif disposition == Disposition.RETRY:
+            delay = backoff_delay(item.attempts, self.retry_initial_s, self.retry_max_s)
+            self.outbox.mark_retry(item.id, detail, time.time() + delay)
+            if self.metrics is not None:
+                self.metrics.sc_retries.inc()
+            LOG.warning("SC %d (%s) to %s: %s; retry in %.1f s", item.id, ref, key, detail, delay)
+        else:
+            self.outbox.park(item.id, detail)
+            if self.metrics is not None:
+                self.metrics.sc_parked.inc()
+            LOG.error("SC %d (%s) to %s parked: %s", item.id, ref, key, detail)
+
+
+def _association_failure(assoc: Association) -> tuple[AssociationOutcome, str]:
+    """Classify an association that did not establish (PS3.8 9.3.4 result: 1 permanent, 2 transient)."""
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        result = getattr(rsp, "result", None)
+        outcome = AssociationOutcome.REJECTED_PERMANENT if result == 0x01 else AssociationOutcome.REJECTED_TRANSIENT
+        reason = getattr(rsp, "reason_str", "") or ""
+        source = getattr(rsp, "source_str", "") or ""
+        return outcome, f"{outcome.value}: {source} {reason}".strip()
+    if assoc.acceptor.primitive is None:
+        # No A-ASSOCIATE response at all: refused, unreachable, or closed before answering (pynetdicom flags
+        # these as aborted too).
+        return AssociationOutcome.CONNECTION_FAILED, AssociationOutcome.CONNECTION_FAILED.value
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        return AssociationOutcome.NO_PRESENTATION_CONTEXT, AssociationOutcome.NO_PRESENTATION_CONTEXT.value
+    return AssociationOutcome.ABORTED, AssociationOutcome.ABORTED.value

@@ -1,0 +1,288 @@
+"""Durable storage for received instances: a content-addressed spool and a SQLite job queue.
+
+The C-STORE handler answers Success only after the instance is on disk (file fsync + rename + directory fsync)
+and its job row is committed, so an instance we acknowledged survives a crash (PS3.4 B.2.2: after a Success
+status the SCP is responsible for the instance). File names derive from the SHA-256 of the received bytes,
+never from a UID string: UIDs come from the peer and are not trusted as paths.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import CxrLensError
+
+INSTANCES_DIR = "instances"
+JOBS_DB = "jobs.sqlite"
+OUTBOX_DB = "outbox.sqlite"
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def jobs_path(spool_dir: Path | str) -> Path:
+    """Where the job queue of a node with this spool directory lives."""
+    return Path(spool_dir) / JOBS_DB
+
+
+def outbox_path(spool_dir: Path | str) -> Path:
+    """Where the outbox (SC and ORU deliveries) of a node with this spool directory lives."""
+    return Path(spool_dir) / OUTBOX_DB
+
+
+def uid_hash(uid: str) -> str:
+    """A short, stable stand-in for a UID in logs (UIDs identify a patient's study: keep them out of logs)."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
+
+
+class SpoolError(CxrLensError):
+    """A spool key is malformed or its file is missing."""
+
+
+class Spool:
+    """Content-addressed store of received DICOM Part 10 files: ``<dir>/instances/ab/<sha256>.dcm``."""
+
+    def __init__(self, spool_dir: Path | str) -> None:
+        self.dir = Path(spool_dir)
+        self.instances = self.dir / INSTANCES_DIR
+        self.instances.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key_for(data: bytes) -> str:
+        """The spool key of some bytes: their SHA-256 in hex."""
+        return hashlib.sha256(data).hexdigest()
+
+    def path(self, key: str) -> Path:
+        if not _KEY_RE.match(key):
+            raise SpoolError(f"malformed spool key {key[:80]!r}")
+        return self.instances / key[:2] / f"{key}.dcm"
+
+    def write(self, data: bytes) -> str:
+        """Store ``data`` durably and return its spool key; writing the same bytes again is a no-op."""
+        key = self.key_for(data)
+        final = self.path(key)
+        if final.exists():
+            return key
+        shard = final.parent
+        shard.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=shard, prefix=".incoming-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(shard)
+        return key
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise SpoolError(f"spool file {key[:12]} is missing") from None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    INELIGIBLE = "ineligible"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    spool_key: str
+    received_at: float
+    calling_ae: str
+    state: JobState
+    rule: str | None
+    reason: str | None
+    attempts: int
+    updated_at: float
+    uid_hash: str | None = None
+
+
+_JOB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spool_key TEXT NOT NULL UNIQUE,
+    received_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'processing', 'done', 'failed', 'ineligible')),
+    rule TEXT,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    uid_hash TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+"""
+_JOB_COLUMNS = "id, spool_key, received_at, calling_ae, state, rule, reason, attempts, updated_at, uid_hash"
+
+
+def _job(row: tuple) -> Job:
+    return Job(row[0], row[1], row[2], row[3], JobState(row[4]), *row[5:])
+
+
+class JobQueue:
+    """Thread-safe job queue in one SQLite file (WAL). One row per distinct received content."""
+
+    def __init__(self, db_path: Path | str) -> None:
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_JOB_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, spool_key: str, *, calling_ae: str = "", uid_hash: str | None = None) -> tuple[int, bool]:
+        """Record a received instance; returns ``(job_id, is_new)``.
+
+        The same content received again is not queued again. A job that *failed* is put back to pending:
+        the peer re-sending it is the operator's way to retry.
+        """
+        now = time.time()
+        with self._work, self._db:
+            row = self._db.execute("SELECT id, state FROM jobs WHERE spool_key=?", (spool_key,)).fetchone()
+            if row is None:
+                cur = self._db.execute(
+                    "INSERT INTO jobs (spool_key, received_at, calling_ae, updated_at, uid_hash)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (spool_key, now, calling_ae, now, uid_hash),
+                )
+                self._work.notify_all()
+                return int(cur.lastrowid), True
+            job_id, state = row
+            if state == JobState.FAILED:
+                self._db.execute(
+                    "UPDATE jobs SET state='pending', rule=NULL, reason=NULL, updated_at=? WHERE id=?", (now, job_id)
+                )
+                self._work.notify_all()
+                return int(job_id), True
+            return int(job_id), False
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block until a job may be pending (or ``timeout`` seconds pass); True when there is one."""
+        with self._work:
+            if self._has_pending():
+                return True
+            self._work.wait(timeout)
+            return self._has_pending()
+
+    def wake(self) -> None:
+        """Wake threads blocked in :meth:`wait_for_work` (used on shutdown)."""
+        with self._work:
+            self._work.notify_all()
+
+    def _has_pending(self) -> bool:
+        return self._db.execute("SELECT 1 FROM jobs WHERE state='pending' LIMIT 1").fetchone() is not None
+
+    def claim_batch(self, max_n: int) -> list[Job]:
+        """Move up to ``max_n`` oldest pending jobs to processing and return them."""
+        now = time.time()
+        with self._lock, self._db:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM jobs WHERE state='pending' ORDER BY id LIMIT ?", (max_n,)
+                ).fetchall()
+            ]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            self._db.execute(
+                f"UPDATE jobs SET state='processing', attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
+                (now, *ids),
+            )
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY id", ids
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def complete(self, job_id: int) -> None:
+        self._set(job_id, JobState.DONE, None, None)
+
+    def fail(self, job_id: int, reason: str) -> None:
+        self._set(job_id, JobState.FAILED, None, reason)
+
+    def mark_ineligible(self, job_id: int, rule: str | None, reason: str) -> None:
+        self._set(job_id, JobState.INELIGIBLE, rule, reason)
+
+    def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE jobs SET state=?, rule=?, reason=?, updated_at=? WHERE id=?",
+                (state.value, rule, reason, time.time(), job_id),
+            )
+
+    def requeue_processing(self, max_attempts: int = 3) -> int:
+        """On start: jobs left in processing by a crash go back to pending; returns how many.
+
+        A job already claimed ``max_attempts`` times is failed instead, so an instance that crashes the
+        process cannot crash it forever.
+        """
+        now = time.time()
+        with self._work, self._db:
+            self._db.execute(
+                "UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE state='processing' AND attempts>=?",
+                (f"interrupted {max_attempts} times (crash while processing?)", now, max_attempts),
+            )
+            cur = self._db.execute(
+                "UPDATE jobs SET state='pending', updated_at=? WHERE state='processing'", (now,)
+            )
+            self._work.notify_all()
+            return cur.rowcount
+
+    def get(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (every state present, zero included)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = {s.value: 0 for s in JobState}
+        out.update({s: n for s, n in rows})
+        return out
+
+    def recent_failures(self, n: int = 10) -> list[Job]:
+        """The ``n`` most recently failed jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (n,),
+            ).fetchall()
+        return [_job(r) for r in rows]
