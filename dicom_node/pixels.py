@@ -1,0 +1,395 @@
+"""Render a grayscale radiograph as a viewer shows it, and shape it for the model. Pure functions.
+
+The grayscale pipeline of PS3.3 C.7.6.3 / C.11 (PS3.4 N.2): stored values → Modality LUT (Rescale
+Slope/Intercept or Modality LUT Sequence, C.11.1) → VOI LUT (the first VOI LUT Sequence item, else the first
+Window Center/Width pair with its VOI LUT Function, C.11.2) → MONOCHROME1 inversion (C.7.6.3.1.2: the minimum
+value is displayed white). Every check that can be made from the header runs before any decode, so a hostile
+header (a 65535x65535 image with a few bytes of data) fails with a named error instead of a MemoryError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from dicom_node.errors import (
+    AllZeroDecodeError,
+    ColourImageError,
+    DecodeError,
+    ImageTooLargeError,
+    MissingPixelDataError,
+    MultiFrameError,
+)
+
+logger = logging.getLogger(__name__)
+
+# What the node can decode, in the order it prefers them for network negotiation: uncompressed first, then
+# lossless, then lossy. Each needs pydicom's native decoder or one of its plugins (pylibjpeg-libjpeg,
+# pylibjpeg-openjpeg, pyjpegls, pylibjpeg-rle); check_renderable verifies the plugin is really installed.
+SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+DISPLAY_MAX = 255
+# Percentiles of the modality values used when the header carries no VOI: robust to collimator blades,
+# burnt-out direct exposure and a few hot pixels, which would otherwise compress the anatomy into a few greys.
+FALLBACK_PERCENTILES = (0.5, 99.5)
+PREPROCESS_MODES = ("unit", "symmetric")
+
+_J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+_JPEG_SYNTAXES = frozenset(
+    {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless}
+)
+# Start-of-frame markers of ITU-T T.81 B.1.1.3 (not DHT C4, JPG C8, DAC CC) and SOF55 of JPEG-LS (T.87).
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+
+
+@dataclass(frozen=True)
+class DisplayImage:
+    """A radiograph as a viewer shows it.
+
+    ``pixels`` is uint8 (rows, columns), 0 black, read-only; ``voi`` says which VOI transform produced it,
+    e.g. ``"window 15000/30000 LINEAR"``, ``"VOI LUT 1/2"``, ``"min-max p0.5-p99.5 (no VOI in header)"``.
+    """
+
+    pixels: np.ndarray
+    source_shape: tuple[int, int]
+    photometric: str
+    voi: str
+
+
+def check_renderable(ds: Dataset, *, max_pixels: int) -> None:
+    """Raise a :class:`~dicom_node.errors.PixelError` unless ``ds`` can be rendered; reads the header only.
+
+    Checks Pixel Data (7FE0,0010) is present, Samples per Pixel 1 and Photometric Interpretation MONOCHROME1/2
+    (PS3.3 C.7.6.3.1.2), one frame (C.7.6.6), 0 < RowsxColumns ≤ ``max_pixels``, a supported transfer syntax
+    with its decoder installed, and that a JPEG/JPEG-LS/JPEG 2000 codestream declares the same size as the
+    header (a small header over a huge codestream would otherwise be decoded in full).
+    """
+    if "PixelData" not in ds or ds["PixelData"].is_empty:
+        raise MissingPixelDataError("the dataset has no (7FE0,0010) Pixel Data")
+
+    samples = _required_int(ds, "SamplesPerPixel")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip()
+    if samples != 1 or photometric not in MONOCHROME:
+        raise ColourImageError(
+            f"expected one sample per pixel and MONOCHROME1/MONOCHROME2, got Samples per Pixel {samples} "
+            f"and Photometric Interpretation {photometric or '(missing)'!r}"
+        )
+
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and int(frames) > 1:
+        raise MultiFrameError(f"the image has {int(frames)} frames; only single-frame radiographs are rendered")
+
+    rows, columns = _required_int(ds, "Rows"), _required_int(ds, "Columns")
+    _check_size(rows, columns, max_pixels, "the header")
+
+    transfer_syntax = _transfer_syntax(ds)
+    if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise DecodeError(f"transfer syntax {transfer_syntax} ({transfer_syntax.name}) is not supported")
+    decoder = get_decoder(transfer_syntax)
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise DecodeError(f"no decoder installed for {transfer_syntax} ({transfer_syntax.name}): {missing}")
+
+    if transfer_syntax.is_encapsulated:
+        shape = _codestream_shape(_first_fragment(ds), transfer_syntax)
+        if shape is not None:
+            _check_size(shape[0] or rows, shape[1], max_pixels, "the codestream")
+            if shape[1] != columns or shape[0] not in (0, rows):
+                raise DecodeError(
+                    f"the codestream is {shape[0]}x{shape[1]} but the header says Rows {rows}, Columns {columns}"
+                )
+
+
+def render_display(ds: Dataset, *, max_pixels: int = 64_000_000) -> DisplayImage:
+    """Decode ``ds`` and return it as a viewer shows it (PS3.3 C.11: Modality LUT, VOI, MONOCHROME1 inversion).
+
+    The VOI transform is the first VOI LUT Sequence item when there is one (preferred over a window when both
+    are present, as pydicom's ``apply_voi_lut`` does; PS3.3 C.11.2 leaves the choice to the application), else
+    the first Window Center/Width pair (C.11.2.1.2), else the 0.5-99.5 percentile range of the modality values.
+    The dataset is not modified (decoding does not cache the array on it).
+    """
+    check_renderable(ds, max_pixels=max_pixels)
+    photometric = str(ds.PhotometricInterpretation).strip()
+    stored = _decode(ds)
+    if not stored.any():
+        raise AllZeroDecodeError(
+            f"decoding {_transfer_syntax(ds).name} produced only zeros (a known codec failure mode)"
+        )
+    values = _modality_values(stored, ds)
+    display, voi = _apply_voi(values, ds)
+    if photometric == "MONOCHROME1":
+        display = DISPLAY_MAX - display
+    display.setflags(write=False)
+    source_shape = (int(stored.shape[0]), int(stored.shape[1]))
+    return DisplayImage(pixels=display, source_shape=source_shape, photometric=photometric, voi=voi)
+
+
+def window_to_display(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Apply a VOI window (PS3.3 C.11.2.1.2 LINEAR, C.11.2.1.3.1 SIGMOID, C.11.2.1.3.2 LINEAR_EXACT) to 0..255.
+
+    Written here rather than with pydicom's ``apply_windowing`` because that returns values in the stored-value
+    range, which we would have to rescale to 0..255 anyway. Returns uint8. Raises ValueError for a width the
+    function does not allow (LINEAR needs ≥ 1, the others > 0) or an unknown function.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    y_max = float(DISPLAY_MAX)
+    if function == "LINEAR":
+        if width < 1:
+            raise ValueError(f"LINEAR window width must be >= 1, not {width}")
+        # C.11.2.1.2.1: x <= c - 0.5 - (w-1)/2 -> ymin; x > c - 0.5 + (w-1)/2 -> ymax; else
+        # y = ((x - (c - 0.5)) / (w - 1) + 0.5) * (ymax - ymin) + ymin. The width-1 case is a hard threshold.
+        lower = center - 0.5 - (width - 1) / 2
+        if width == 1:
+            y = np.where(x > lower, y_max, 0.0)
+        else:
+            y = ((x - (center - 0.5)) / (width - 1) + 0.5) * y_max
+            y = np.where(x <= lower, 0.0, y)
+            y = np.where(x > center - 0.5 + (width - 1) / 2, y_max, y)
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"LINEAR_EXACT window width must be > 0, not {width}")
+        y = ((x - center) / width + 0.5) * y_max
+    elif function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"SIGMOID window width must be > 0, not {width}")
+        y = y_max / (1.0 + np.exp(-4.0 * (x - center) / width))
+    else:
+        raise ValueError(f"unknown VOI LUT Function {function!r}")
+    return np.rint(np.clip(y, 0.0, y_max)).astype(np.uint8)
+
+
+def model_input(display: np.ndarray, input_size: tuple[int, int], channels: int, preprocess: str) -> np.ndarray:
+    """Return the model's float32 (height, width, channels) input for a uint8 display image.
+
+    The whole image is resized (cv2 INTER_AREA, no crop) so that a heatmap maps back onto the full display
+    image; ``preprocess`` "unit" gives x/255 in 0..1, "symmetric" x/127.5 - 1 in -1..1; 3 channels replicate
+    the grey plane. ``display`` is not modified.
+    """
+    if display.ndim != 2 or display.dtype != np.uint8:
+        raise ValueError(f"display must be a 2-D uint8 array, not {display.dtype} {display.shape}")
+    height, width = input_size
+    if height < 1 or width < 1:
+        raise ValueError(f"input_size must be positive, not {input_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, not {preprocess!r}")
+    resized = cv2.resize(display, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32)
+    scaled = resized / np.float32(255.0) if preprocess == "unit" else resized / np.float32(127.5) - np.float32(1.0)
+    return np.repeat(scaled[:, :, np.newaxis], channels, axis=2)
+
+
+def fit_long_side(display: np.ndarray, max_long_side: int) -> np.ndarray:
+    """Return a copy of ``display`` downscaled (cv2 INTER_AREA) so its long side is ≤ ``max_long_side``.
+
+    Never upscales; the aspect ratio is kept to the nearest pixel.
+    """
+    if max_long_side < 1:
+        raise ValueError(f"max_long_side must be >= 1, not {max_long_side}")
+    height, width = display.shape[:2]
+    long_side = max(height, width)
+    if long_side <= max_long_side:
+        return display.copy()
+    scale = max_long_side / long_side
+    new_height = max_long_side if height >= width else max(1, round(height * scale))
+    new_width = max_long_side if width > height else max(1, round(width * scale))
+    return cv2.resize(display, (new_width, new_height), interpolation=cv2.INTER_AREA)
+
+
+def _required_int(ds: Dataset, keyword: str) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DecodeError(f"the Type 1 attribute {keyword} is missing or empty")
+    return int(value)
+
+
+def _check_size(rows: int, columns: int, max_pixels: int, where: str) -> None:
+    if rows <= 0 or columns <= 0:
+        raise ImageTooLargeError(f"{where} gives an empty image: Rows {rows}, Columns {columns}")
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(
+            f"{where} gives {rows}x{columns} = {rows * columns} pixels, more than the maximum {max_pixels}"
+        )
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    value = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not value:
+        raise DecodeError("the dataset has no (0002,0010) Transfer Syntax UID in its file meta information")
+    return UID(str(value))
+
+
+def _first_fragment(ds: Dataset) -> bytes:
+    """The first fragment of encapsulated Pixel Data (PS3.5 A.4), skipping the Basic Offset Table item."""
+    try:
+        items = list(itertools.islice(generate_fragments(ds.PixelData), 2))
+    except (ValueError, struct.error) as exc:
+        raise DecodeError(f"the encapsulated Pixel Data is malformed: {exc}") from exc
+    if len(items) < 2 or not items[1]:
+        raise DecodeError("the encapsulated Pixel Data has no fragment after the Basic Offset Table")
+    return items[1]
+
+
+def _codestream_shape(fragment: bytes, transfer_syntax: UID) -> tuple[int, int] | None:
+    """(rows, columns) a codestream declares, or None when its header is not in ``fragment``.
+
+    JPEG 2000: the SIZ segment after SOC (ISO 15444-1 A.5.1); rows may not be 0 there. JPEG and JPEG-LS: the
+    first SOF segment (ITU-T T.81 B.2.2, T.87); rows 0 means "defined later by a DNL marker".
+    """
+    if transfer_syntax in _J2K_SYNTAXES:
+        start = fragment.find(b"\xff\x4f\xff\x51")
+        if start < 0 or len(fragment) < start + 24:
+            return None
+        x_size, y_size, x_offset, y_offset = struct.unpack_from(">IIII", fragment, start + 8)
+        return y_size - y_offset, x_size - x_offset
+    if transfer_syntax in _JPEG_SYNTAXES and fragment[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(fragment):
+            if fragment[pos] != 0xFF:
+                return None
+            marker = fragment[pos + 1]
+            if marker == 0xFF:
+                pos += 1
+                continue
+            if marker in _SOF_MARKERS:
+                if len(fragment) < pos + 9:
+                    return None
+                rows, columns = struct.unpack_from(">HH", fragment, pos + 5)
+                return rows, columns
+            pos += 2 + struct.unpack_from(">H", fragment, pos + 2)[0]
+    return None
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    """The stored values as a 2-D array; codec failures become DecodeError. pydicom's function form does not
+    cache the array on the dataset, unlike ``Dataset.pixel_array``."""
+    transfer_syntax = _transfer_syntax(ds)
+    try:
+        stored = pixel_array(ds)
+    except MemoryError:
+        raise
+    except Exception as exc:  # codec plugins raise anything from ValueError to RuntimeError
+        raise DecodeError(f"cannot decode {transfer_syntax.name} pixel data: {exc}") from exc
+    expected = (int(ds.Rows), int(ds.Columns))
+    if stored.shape != expected:
+        raise DecodeError(f"decoded array has shape {stored.shape}, the header says {expected}")
+    return stored
+
+
+def _modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT (PS3.3 C.11.1): the LUT Sequence if present, else Rescale Slope/Intercept; float64."""
+    try:
+        if ds.get("ModalityLUTSequence"):
+            # int64 so that a negative first mapped value cannot overflow an unsigned stored array.
+            return np.asarray(apply_modality_lut(stored.astype(np.int64), ds), dtype=np.float64)
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as exc:
+        raise DecodeError(f"cannot apply the Modality LUT: {exc}") from exc
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    voi_luts = ds.get("VOILUTSequence")
+    if voi_luts:
+        return _apply_voi_lut(values, ds, len(voi_luts))
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        centers, widths = _as_list(ds.WindowCenter), _as_list(ds.WindowWidth)
+        center, width = float(centers[0]), float(widths[0])
+        function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+        if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            logger.warning("unknown VOI LUT Function %r, applying LINEAR", function)
+            function = "LINEAR"
+        label = f"window {center:g}/{width:g} {function}"
+        if len(centers) > 1:
+            label += f" (1 of {len(centers)})"
+        try:
+            return window_to_display(values, center, width, function), label
+        except ValueError as exc:
+            logger.warning("ignoring the window: %s", exc)
+            return _percentile_display(values, f"invalid {label}")
+    return _percentile_display(values, "no VOI in header")
+
+
+def _apply_voi_lut(values: np.ndarray, ds: Dataset, count: int) -> tuple[np.ndarray, str]:
+    """First VOI LUT Sequence item (PS3.3 C.11.2.1.1), scaled from its 2**bits - 1 output range to 0..255."""
+    item = ds.VOILUTSequence[0]
+    try:
+        entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 65536
+        # Clip and round here: pydicom writes the input into a uint16 index array, so values outside the LUT
+        # (or a float from the Modality LUT) would wrap around instead of saturating as C.11.2.1.1 requires.
+        index = np.clip(np.rint(values), first_mapped, first_mapped + entries - 1).astype(np.int64)
+        lut_values = apply_voi(index, ds, index=0)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, struct.error) as exc:
+        raise DecodeError(f"cannot apply the VOI LUT Sequence: {exc}") from exc
+    out_max = 2**bits - 1
+    display = np.rint(np.clip(lut_values.astype(np.float64) * (DISPLAY_MAX / out_max), 0, DISPLAY_MAX))
+    label = f"VOI LUT 1/{count}"
+    if explanation := str(item.get("LUTExplanation") or "").strip():
+        label += f" ({explanation})"
+    return display.astype(np.uint8), label
+
+
+def _percentile_display(values: np.ndarray, why: str) -> tuple[np.ndarray, str]:
+    low_p, high_p = FALLBACK_PERCENTILES
+    low, high = (float(v) for v in np.percentile(values, FALLBACK_PERCENTILES))
+    label = f"min-max p{low_p:g}-p{high_p:g} ({why})"
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+        label = f"min-max ({why})"
+    if high <= low or not math.isfinite(high - low):
+        return np.zeros(values.shape, dtype=np.uint8), f"constant image ({why})"
+    scaled = (values - low) * (DISPLAY_MAX / (high - low))
+    return np.rint(np.clip(scaled, 0, DISPLAY_MAX)).astype(np.uint8), label
+
+
+def _as_list(value: Any) -> Sequence[Any]:
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
