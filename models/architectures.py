@@ -52,22 +52,21 @@ def build_demo_cnn(
 
     Small enough to train on two CPU cores in minutes; the 32x32 map (8 px per cell at 256²) gives the heatmap
     enough resolution to point at a focal opacity. Global max pooling, because a focal finding covers a few cells
-    of the map: averaged over all 1024 cells (a GAP head) its signal was too diluted to learn in a short run.
+    of the map and max pooling passes its evidence to the head undiluted by the other ~1000 cells.
     """
     k = _keras(backend)
     layers = k.layers
     inputs = k.Input(shape=input_shape, name="image")
-    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="conv1")(inputs)
-    x = layers.BatchNormalization(name="bn1")(x)
-    x = layers.Activation("relu", name="relu1")(x)
-    x = layers.MaxPooling2D(2, name="pool1")(x)
-    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv2")(x)
-    x = layers.BatchNormalization(name="bn2")(x)
-    x = layers.Activation("relu", name="relu2")(x)
-    x = layers.MaxPooling2D(2, name="pool2")(x)
-    x = layers.Conv2D(48, 3, padding="same", use_bias=False, name="conv3")(x)
-    x = layers.BatchNormalization(name="bn3")(x)
-    x = layers.Activation("relu", name="relu3")(x)
+    # Batch normalisation with momentum 0.9: at Keras' default 0.99 the moving statistics lagged the fast-changing
+    # weights of a short run (100% training accuracy, chance on held-out data); without normalisation, or with
+    # group normalisation, the net did not leave the loss plateau within six epochs.
+    x = inputs
+    for i, (filters, strides) in enumerate(((16, 2), (32, 1), (48, 1))):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = layers.Activation("relu", name=f"relu{i + 1}")(x)
+        if i < 2:
+            x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
     x = layers.GlobalMaxPooling2D(name="gmp")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)

@@ -77,10 +77,10 @@ def train(out_dir: Path, *, n_train: int, n_val: int, n_held_out: int, epochs: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
-    parser.add_argument("--train", type=int, default=3000, help="training cases")
+    parser.add_argument("--train", type=int, default=2500, help="training cases")
     parser.add_argument("--val", type=int, default=400, help="validation cases")
     parser.add_argument("--held-out", type=int, default=1000, help="held-out test cases (fixed seed)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,0 +1,129 @@
+"""Load any supported model format into one :class:`LoadedModel`.
+
+Formats: a Keras 3 ``.keras`` file; a legacy ``.h5`` (HDF5) file; a TF2 SavedModel directory written by
+tf.keras 2.x (such as the seed article's ``saved_model/inceptionV3``), read with the ``tf_keras`` package
+because Keras 3 no longer loads SavedModels as models. ``builtin:demo`` is the demo model shipped in this
+package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dicom_node.errors import ModelError
+from dicom_node.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_WEIGHTS = DEMO_DIR / "cxr_lens_demo_cnn.keras"
+Framework = Literal["keras", "tf_keras"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network together with everything needed to feed it and to name it in outputs."""
+
+    network: Any
+    framework: Framework
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]  # (height, width)
+    channels: int
+    preprocess: str
+    model_id: str
+    version: str
+    is_demo: bool
+    target_layer: str  # "auto" or a layer name
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _load_network(path: Path) -> tuple[Any, Framework]:
+    _quiet_tensorflow()
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise ModelError(f"model.path {path}: a directory but not a SavedModel (no saved_model.pb)")
+        import tf_keras
+
+        return tf_keras.models.load_model(path, compile=False), "tf_keras"
+    if not path.is_file():
+        raise ModelError(f"model.path {path}: not found")
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        import keras
+
+        return keras.saving.load_model(path, compile=False), "keras"
+    if suffix in (".h5", ".hdf5"):
+        # Legacy HDF5 files are written by tf.keras 2.x; tf_keras reads every variant of them faithfully,
+        # including custom-object-free functional models that Keras 3's legacy loader rejects.
+        import tf_keras
+
+        return tf_keras.models.load_model(path, compile=False), "tf_keras"
+    raise ModelError(f"model.path {path}: unsupported format {suffix!r} (use .keras, .h5 or a SavedModel directory)")
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Load the configured model and check that it fits the configuration (input shape, number of labels)."""
+    path = DEMO_WEIGHTS if settings.is_demo else Path(settings.path)
+    try:
+        network, framework = _load_network(path)
+    except ModelError:
+        raise
+    except Exception as exc:  # every loader raises its own types; name the key and the file
+        raise ModelError(f"model.path {path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    _check_shapes(network, settings)
+    if settings.target_layer != "auto" and not _has_layer(network, settings.target_layer):
+        raise ModelError(f"model.target_layer {settings.target_layer!r}: no such layer in {path.name}")
+    log.info("loaded model %s %s (%s) from %s", settings.id, settings.version, framework, path)
+    return LoadedModel(
+        network=network,
+        framework=framework,
+        labels=tuple(settings.labels),
+        input_size=tuple(settings.input_size),  # type: ignore[arg-type]
+        channels=settings.channels,
+        preprocess=settings.preprocess,
+        model_id=settings.id,
+        version=settings.version,
+        is_demo=settings.is_demo,
+        target_layer=settings.target_layer,
+    )
+
+
+def load_demo_model() -> LoadedModel:
+    """The shipped demo model with its embedded default settings."""
+    return load_model(ModelSettings())
+
+
+def demo_metrics() -> dict[str, Any]:
+    """The held-out metrics written by ``python -m models.train_demo`` next to the shipped weights."""
+    return json.loads((DEMO_DIR / "metrics.json").read_text(encoding="utf-8"))
+
+
+def _check_shapes(network: Any, settings: ModelSettings) -> None:
+    in_shape = tuple(network.inputs[0].shape)
+    out_shape = tuple(network.outputs[0].shape)
+    expected_in = (*settings.input_size, settings.channels)
+    if len(in_shape) != 4 or tuple(d for d in in_shape[1:]) != expected_in:
+        raise ModelError(
+            f"model.input_size/model.channels: the network takes {in_shape[1:]}, the configuration says {expected_in}"
+        )
+    if len(out_shape) != 2 or out_shape[1] != len(settings.labels):
+        raise ModelError(
+            f"model.labels: the network has {out_shape[1:]} outputs, the configuration names {len(settings.labels)}"
+        )
+
+
+def _has_layer(network: Any, name: str) -> bool:
+    for layer in network.layers:
+        if layer.name == name:
+            return True
+        if hasattr(layer, "layers") and _has_layer(layer, name):
+            return True
+    return False
