@@ -122,6 +122,7 @@ def start_orthanc(
     modalities: dict[str, tuple[str, str, int]] | None = None,
     ae_title: str = "ORTHANC",
     startup_timeout: float = 30.0,
+    extra_config: dict[str, Any] | None = None,
 ) -> Orthanc:
     """Start Debian's Orthanc from a temporary configuration and wait until its REST API answers.
 
@@ -147,6 +148,7 @@ def start_orthanc(
         "DicomScuTimeout": 10,
         "Plugins": [],
         "DicomModalities": {name: list(v) for name, v in (modalities or {}).items()},
+        **(extra_config or {}),
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))

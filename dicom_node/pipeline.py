@@ -1,0 +1,247 @@
+"""The one place where the stages are wired: render -> explain -> overlay -> Secondary Capture + ORU.
+
+TensorFlow is reached only from here (through ``models`` and ``explain``), and only when a
+:class:`Processor` is built, so importing this module stays cheap for the network-only commands.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import pydicom
+import numpy as np
+from pydicom import Dataset
+
+from dicom_node import pixels
+from dicom_node.errors import CxrLensError
+from dicom_node.hl7.oru import build_oru, new_message_control_id
+from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
+from dicom_node.rules import Rules, evaluate
+from dicom_node.secondary_capture import build_secondary_capture, overlay_uids
+from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Processed:
+    result: InferenceResult
+    secondary_capture: Dataset
+    overlay_png: bytes
+    oru_message: str
+    status: str = "processed"
+
+
+@dataclass(frozen=True)
+class NotEligible:
+    rule: str
+    reason: str
+    status: str = "not_eligible"
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    status: str = "failed"
+
+
+Outcome = Processed | NotEligible | Failed
+
+
+@dataclass
+class _Prepared:
+    index: int
+    source: Dataset
+    display: np.ndarray
+    model_input: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 2)
+
+
+def encode_png(rgb: np.ndarray, max_long_side: int | None = None) -> bytes:
+    """PNG bytes of an RGB image, optionally downscaled so its long side is at most ``max_long_side``."""
+    if max_long_side is not None and max(rgb.shape[:2]) > max_long_side:
+        f = max_long_side / max(rgb.shape[:2])
+        rgb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f))),
+                         interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise CxrLensError("PNG encoding failed")
+    return buf.tobytes()
+
+
+class Processor:
+    """Turns source datasets into outputs. One per process; holds the loaded model."""
+
+    def __init__(self, settings: Settings, model: "LoadedModel", rules: Rules) -> None:
+        self.settings = settings
+        self.model = model
+        self.rules = rules
+
+    def prepare(self, index: int, source: Dataset) -> _Prepared | Outcome:
+        """Eligibility, then viewer rendering and model input. Pure CPU work; safe to run on a thread pool."""
+        verdict = evaluate(source, self.rules)
+        if not verdict.eligible:
+            return NotEligible(verdict.rule or "", verdict.reason)
+        t = time.perf_counter()
+        try:
+            display = pixels.render_display(source, max_pixels=self.settings.pixels.max_pixels)
+        except CxrLensError as exc:
+            return Failed(f"{type(exc).__name__}: {exc}")
+        image = pixels.fit_long_side(display.pixels, self.settings.pixels.overlay_max_long_side)
+        x = pixels.model_input(image, self.model.input_size, self.model.channels, self.model.preprocess)
+        return _Prepared(index, source, image, x, {"render": _ms(t)})
+
+    def process(self, sources: list[Dataset]) -> list[Outcome]:
+        """Process a batch: every source gets exactly one outcome, in order."""
+        outcomes: list[Outcome | None] = [None] * len(sources)
+        prepared: list[_Prepared] = []
+        for i, ds in enumerate(sources):
+            item = self.prepare(i, ds)
+            if isinstance(item, _Prepared):
+                prepared.append(item)
+            else:
+                outcomes[i] = item
+        if prepared:
+            for item, outcome in zip(prepared, self.explain_prepared(prepared)):
+                outcomes[item.index] = outcome
+        return [o if o is not None else Failed("internal: no outcome") for o in outcomes]
+
+    def explain_prepared(self, prepared: list[_Prepared]) -> list[Outcome]:
+        from explain import explain
+
+        cfg = self.settings.explain
+        t = time.perf_counter()
+        explanation = explain(self.model, np.stack([p.model_input for p in prepared]), method=cfg.method)
+        explain_ms = _ms(t) / len(prepared)
+        results: list[Outcome] = []
+        for b, item in enumerate(prepared):
+            try:
+                results.append(self._outputs(item, explanation, b, explain_ms))
+            except CxrLensError as exc:
+                results.append(Failed(f"{type(exc).__name__}: {exc}"))
+        return results
+
+    def _outputs(self, item: _Prepared, explanation: Any, b: int, explain_ms: float) -> Processed:
+        from explain.overlay import compose_overlay, legend_lines
+
+        cfg = self.settings.explain
+        model = self.model
+        probs = {label: float(p) for label, p in zip(model.labels, explanation.probabilities[b])}
+        class_index = int(explanation.class_index[b])
+        label = model.labels[class_index]
+        heatmap = explanation.heatmaps[b]
+        raw_max = float(np.max(heatmap))
+        no_evidence = raw_max < cfg.no_evidence_threshold
+        timings = dict(item.timings_ms, explain=round(explain_ms, 2))
+        result = InferenceResult(
+            label=label, class_index=class_index, probabilities=probs, method=explanation.method,
+            model_id=model.model_id, model_version=model.version, is_demo=model.is_demo,
+            heatmap_max=raw_max, no_evidence=no_evidence, timings_ms=timings,
+        )
+        t = time.perf_counter()
+        warnings = [AI_DISCLAIMER] + ([DEMO_LABEL + " - synthetic training data"] if model.is_demo else [])
+        overlay = compose_overlay(
+            item.display, heatmap,
+            lines=legend_lines(label, probs[label], result.method, result.model_text, no_evidence=no_evidence),
+            warnings=warnings, colormap=cfg.colormap, alpha=cfg.alpha,
+            no_evidence_threshold=cfg.no_evidence_threshold,
+        )
+        png = encode_png(overlay.rgb)
+        timings["overlay"] = _ms(t)
+        t = time.perf_counter()
+        sc = build_secondary_capture(item.source, overlay.rgb, result)
+        timings["secondary_capture"] = _ms(t)
+        t = time.perf_counter()
+        series_uid, sop_uid = overlay_uids(item.source, result)
+        hl7_png = encode_png(overlay.rgb, self.settings.hl7.image_long_side) if self.settings.hl7.include_image else None
+        ref = OverlayRef(str(item.source.StudyInstanceUID), series_uid, sop_uid, hl7_png)
+        oru = build_oru(item.source, result, ref, self.settings.hl7,
+                        message_control_id=new_message_control_id(), now=datetime.now().astimezone())
+        timings["hl7"] = _ms(t)
+        return Processed(result=result, secondary_capture=sc, overlay_png=png, oru_message=oru)
+
+
+def load_processor(settings: Settings) -> Processor:
+    """Load the model and rules named by ``settings`` (imports TensorFlow)."""
+    from models.loading import load_model
+
+    from dicom_node.rules import load_rules
+
+    return Processor(settings, load_model(settings.model), load_rules(settings.rules_file))
+
+
+def _part10_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_process_batch(processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> Any:
+    """The worker's ``process_batch``: spooled bytes -> outcomes, with outputs stored in the outbox first.
+
+    Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
+    and the outbox's de-duplication key (the overlay's SOP Instance UID) keeps it from being delivered twice.
+    """
+    from dicom_node.store import JobState
+    from dicom_node.worker import JobOutcome
+
+    def process_batch(items: list[tuple[Any, bytes]]) -> list[Any]:
+        parsed: list[tuple[Any, Dataset | Failed]] = []
+        for job, data in items:
+            try:
+                parsed.append((job, pydicom.dcmread(io.BytesIO(data))))
+            except Exception as exc:  # boundary: a spooled file that no longer parses fails its job
+                parsed.append((job, Failed(f"spooled instance does not parse ({type(exc).__name__})")))
+        datasets = [d for _, d in parsed if isinstance(d, Dataset)]
+        results = iter(processor.process(datasets) if datasets else [])
+        outcomes = []
+        for job, d in parsed:
+            outcome = next(results) if isinstance(d, Dataset) else d
+            if isinstance(outcome, Processed):
+                key = str(outcome.secondary_capture.SOPInstanceUID)
+                dicom_sender.enqueue(_part10_bytes(outcome.secondary_capture), dedup_key=key)
+                if hl7_sender is not None:
+                    hl7_sender.enqueue(outcome.oru_message, dedup_key=key)
+                outcomes.append(JobOutcome(job.id, JobState.DONE))
+            elif isinstance(outcome, NotEligible):
+                outcomes.append(JobOutcome(job.id, JobState.INELIGIBLE, rule=outcome.rule, reason=outcome.reason))
+            else:
+                outcomes.append(JobOutcome(job.id, JobState.FAILED, reason=outcome.reason))
+        return outcomes
+
+    return process_batch
+
+
+def compose(settings: Settings, processor: Processor | None = None) -> Any:
+    """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
+    from dicom_node.hl7.sender import HL7Sender
+    from dicom_node.node import Node
+    from dicom_node.outbox import Outbox
+    from dicom_node.scu import DicomSender
+    from dicom_node.store import outbox_path
+
+    processor = processor or load_processor(settings)
+    outbox = Outbox(outbox_path(settings.node.spool_dir))
+    dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
+                               max_pdu=settings.node.max_pdu)
+    hl7_sender = HL7Sender(outbox, settings.hl7) if settings.hl7.enabled else None
+
+    def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
+        verdict = evaluate(ds, processor.rules)
+        return verdict.eligible, verdict.rule, verdict.reason
+
+    return Node(settings, process_batch=make_process_batch(processor, dicom_sender, hl7_sender),
+                dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check)

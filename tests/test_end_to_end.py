@@ -1,0 +1,149 @@
+"""The whole product on real data: explain CLI, the demo round trip, and Orthanc as the PACS with the real model."""
+
+from __future__ import annotations
+
+import json
+import time
+from io import BytesIO
+from pathlib import Path
+
+import cv2
+import hl7
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.settings import DestinationSettings, load_settings
+from tests.dicom_tools import dciodvfy_errors, requires_dciodvfy
+from tests.peers import free_port, needs_binary, sample, start_orthanc
+
+pytestmark = [pytest.mark.tf, pytest.mark.slow]
+
+RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("explain")
+    broken = out.parent / "broken.dcm"
+    broken.write_bytes(b"DICM but not really" * 10)
+    inputs = [str(sample(n)) for n in (*RG1, "RG3_UNCR.dcm", "CT_small.dcm")] + [str(broken)]
+    return main(["explain", *inputs, "--out", str(out / "out")]), out / "out"
+
+
+def _gray(png: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY).astype(np.float32)
+
+
+def test_explain_writes_four_files_per_radiograph(explained: tuple[int, Path]) -> None:
+    code, out = explained
+    assert code == 1  # the broken input failed, and the exit status says so
+    for name in RG1:
+        d = out / Path(name).stem
+        assert sorted(p.name for p in d.iterdir()) == ["overlay.dcm", "overlay.png", "result.hl7", "result.json"]
+        result = json.loads((d / "result.json").read_text())
+        assert result["status"] == "processed"
+        assert result["label"] in ("no_finding", "focal_opacity")
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert result["model"] == {"id": "cxr-lens-demo-cnn", "version": "1.0.0", "demo": True}
+        assert result["explanation"]["method"] == "gradcam"
+        assert {"render", "explain", "overlay", "secondary_capture", "hl7"} <= set(result["timings_ms"])
+        assert "DEMO MODEL" in result["disclaimer"]
+        message = hl7.parse((d / "result.hl7").read_text().replace("\n", "\r").strip())
+        assert str(message.segment("MSH")[9]) == "ORU^R01^ORU_R01"
+        assert "DEMO MODEL" in str(message)
+
+
+def test_ineligible_and_broken_inputs_get_a_reason(explained: tuple[int, Path]) -> None:
+    _, out = explained
+    for stem, rule in (("RG3_UNCR", "body_part"), ("CT_small", "modality")):
+        assert [p.name for p in (out / stem).iterdir()] == ["result.json"]
+        result = json.loads((out / stem / "result.json").read_text())
+        assert (result["status"], result["rule"]) == ("not_eligible", rule)
+    broken = json.loads((out / "broken" / "result.json").read_text())
+    assert broken["status"] == "failed" and "cannot read broken.dcm" in broken["reason"]
+
+
+def test_three_transfer_syntaxes_give_alike_overlays_with_dark_lungs(explained: tuple[int, Path]) -> None:
+    _, out = explained
+    grays = [_gray(out / Path(n).stem / "overlay.png") for n in RG1]
+    assert grays[0].shape == grays[1].shape == grays[2].shape
+    assert grays[0].shape[1] == 1841 and grays[0].shape[0] > 1955  # the source size, plus the legend band
+    assert np.abs(grays[0] - grays[1]).mean() < 0.5  # lossless: the same image
+    assert np.abs(grays[0] - grays[2]).mean() < 3.0  # lossy J2K: alike
+    picture = grays[0][:1955]
+    h, w = picture.shape
+    mediastinum = picture[h // 4: 3 * h // 5, int(0.45 * w): int(0.55 * w)].mean()
+    lungs = [picture[h // 4: h // 2, int(0.15 * w): int(0.3 * w)].mean(),
+             picture[h // 4: h // 2, int(0.7 * w): int(0.85 * w)].mean()]
+    assert mediastinum > max(lungs) + 30
+
+
+@requires_dciodvfy
+def test_explain_overlay_validates(explained: tuple[int, Path]) -> None:
+    _, out = explained
+    for name in RG1:
+        assert dciodvfy_errors(out / Path(name).stem / "overlay.dcm") == []
+
+
+def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "same study as the radiograph" in printed and "DEMO MODEL" in printed
+    sc = pydicom.dcmread(tmp_path / "overlay.dcm")
+    assert sc.StudyInstanceUID == pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).StudyInstanceUID
+    assert (tmp_path / "overlay.png").stat().st_size > 10_000
+    assert "OBX" in (tmp_path / "result.hl7").read_text()
+
+
+@needs_binary("Orthanc", "/usr/sbin/Orthanc")
+def test_orthanc_pushes_radiographs_and_gets_overlays_back(tmp_path: Path) -> None:
+    """Orthanc (the PACS) pushes RG1 in three transfer syntaxes, RG3 and a CT; only RG1 gets an overlay back."""
+    from dicom_node.pipeline import compose
+
+    node_port = free_port()
+    orthanc = start_orthanc(tmp_path / "orthanc", modalities={"cxrlens": ("CXRLENS", "127.0.0.1", node_port)})
+    try:
+        settings = load_settings(None, [
+            "node.host='127.0.0.1'", f"node.port={node_port}", "node.http_port=0", "node.free_disk_floor_mb=0",
+            f"node.spool_dir='{tmp_path / 'spool'}'", "hl7.enabled=false", "worker.batch_wait_ms=0",
+        ]).model_copy(update={"destinations": (
+            DestinationSettings(ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.dicom_port),)})
+        node = compose(settings)
+        with node:
+            for name in (*RG1, "RG3_UNCR.dcm", "CT_small.dcm"):
+                uploaded = orthanc.upload(sample(name))
+                try:
+                    orthanc.push(uploaded["ID"])
+                except Exception:  # noqa: BLE001 - the CT is refused at negotiation: Orthanc reports a failed push
+                    assert name == "CT_small.dcm"
+                if name in RG1:
+                    deadline = time.monotonic() + 120
+                    while time.monotonic() < deadline and node.queue.counts().get("done", 0) < RG1.index(name) + 1:
+                        time.sleep(0.2)
+            again = orthanc.upload(sample("RG1_UNCR.dcm"))  # the same instance sent twice is processed once
+            orthanc.push(again["ID"])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and node.dicom_sender.outbox.counts().get(("dicom", "pending"), 0):
+                time.sleep(0.2)
+            counts = node.queue.counts()
+            assert counts.get("done", 0) == 3 and counts.get("ineligible", 0) == 1 and not counts.get("failed")
+        rg1_study = again["ParentStudy"]
+        series = orthanc.get(f"/studies/{rg1_study}/series")
+        sc_series = [s for s in series if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI gradcam")]
+        assert len(series) == 2 and len(sc_series) == 1  # the radiograph's series and one overlay series
+        references = set()
+        for instance in sc_series[0]["Instances"]:
+            sc = pydicom.dcmread(BytesIO(orthanc.get_bytes(f"/instances/{instance}/file")))
+            assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and "DEMO MODEL" in sc.ImageComments
+            references.add(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        sources = {pydicom.dcmread(sample(n), stop_before_pixels=True).SOPInstanceUID for n in RG1}
+        assert references == sources  # one overlay per source instance, none twice
+        for other in ("RG3_UNCR.dcm", "CT_small.dcm"):
+            ds = pydicom.dcmread(sample(other), stop_before_pixels=True)
+            study = [s for s in orthanc.get("/studies?expand")
+                     if s["MainDicomTags"]["StudyInstanceUID"] == ds.StudyInstanceUID]
+            assert len(study) == 1 and len(study[0]["Series"]) == 1  # only the source series: no overlay
+    finally:
+        orthanc.stop()
