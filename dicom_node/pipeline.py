@@ -236,7 +236,8 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
     processor = processor or load_processor(settings)
     outbox = Outbox(outbox_path(settings.node.spool_dir))
     dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
-                               max_pdu=settings.node.max_pdu)
+                               max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
+                               retry_max_s=settings.node.retry_max_s)
     hl7_sender = HL7Sender(outbox, settings.hl7) if settings.hl7.enabled else None
 
     def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:

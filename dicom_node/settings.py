@@ -92,7 +92,8 @@ class NodeSettings(_Section):
     max_associations: int = Field(10, ge=1)
     free_disk_floor_mb: int = Field(512, ge=0)
     http_port: int = Field(8080, ge=0, le=65535)
-    institution_name: str = ""
+    retry_initial_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod
