@@ -136,37 +136,35 @@ class Processor:
 
     def _outputs(self, item: _Prepared, explanation: Any, b: int, explain_ms: float) -> Processed:
         from explain.overlay import compose_overlay, legend_lines
+        from explain.render import normalise
 
         cfg = self.settings.explain
         model = self.model
         probs = {label: float(p) for label, p in zip(model.labels, explanation.probabilities[b])}
         class_index = int(explanation.class_index[b])
         label = model.labels[class_index]
-        heatmap = explanation.heatmaps[b]
-        raw_max = float(np.max(heatmap))
-        no_evidence = raw_max < cfg.no_evidence_threshold
+        heat = normalise(explanation.heatmaps[b], no_evidence_threshold=cfg.no_evidence_threshold)
         timings = dict(item.timings_ms, explain=round(explain_ms, 2))
         result = InferenceResult(
             label=label, class_index=class_index, probabilities=probs, method=explanation.method,
             model_id=model.model_id, model_version=model.version, is_demo=model.is_demo,
-            heatmap_max=raw_max, no_evidence=no_evidence, timings_ms=timings,
+            heatmap_max=heat.raw_max, no_evidence=heat.no_evidence, timings_ms=timings,
         )
         t = time.perf_counter()
         warnings = [AI_DISCLAIMER] + ([DEMO_LABEL + " - synthetic training data"] if model.is_demo else [])
         overlay = compose_overlay(
-            item.display, heatmap,
-            lines=legend_lines(label, probs[label], result.method, result.model_text, no_evidence=no_evidence),
+            item.display, heat,
+            lines=legend_lines(label, probs[label], result.method, result.model_text, no_evidence=heat.no_evidence),
             warnings=warnings, colormap=cfg.colormap, alpha=cfg.alpha,
-            no_evidence_threshold=cfg.no_evidence_threshold,
         )
-        png = encode_png(overlay.rgb)
+        png = encode_png(overlay)
         timings["overlay"] = _ms(t)
         t = time.perf_counter()
-        sc = build_secondary_capture(item.source, overlay.rgb, result)
+        sc = build_secondary_capture(item.source, overlay, result)
         timings["secondary_capture"] = _ms(t)
         t = time.perf_counter()
         series_uid, sop_uid = overlay_uids(item.source, result)
-        hl7_png = encode_png(overlay.rgb, self.settings.hl7.image_long_side) if self.settings.hl7.include_image else None
+        hl7_png = encode_png(overlay, self.settings.hl7.image_long_side) if self.settings.hl7.include_image else None
         ref = OverlayRef(str(item.source.StudyInstanceUID), series_uid, sop_uid, hl7_png)
         oru = build_oru(item.source, result, ref, self.settings.hl7,
                         message_control_id=new_message_control_id(), now=datetime.now().astimezone())

@@ -6,21 +6,13 @@ The legend is drawn in a band below the radiograph, never over the anatomy. Text
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
-from explain.render import Normalised, blend, colour_bar, normalise, upsample
+from explain.render import Normalised, blend, colour_bar, upsample
 
 _WHITE = (255, 255, 255)
 _AMBER = (255, 191, 0)
-
-
-@dataclass(frozen=True)
-class Overlay:
-    rgb: np.ndarray  # (H + band, W, 3) uint8: radiograph with heatmap, legend band below
-    heat: Normalised  # the normalised map at display resolution and its raw maximum
 
 
 def legend_lines(label: str, probability: float, method: str, model_text: str, *, no_evidence: bool) -> list[str]:
@@ -36,18 +28,18 @@ def _ascii(text: str) -> str:
 
 def compose_overlay(
     display: np.ndarray,
-    heatmap: np.ndarray,
+    heat: Normalised,
     *,
     lines: list[str],
     warnings: list[str],
     colormap: str,
     alpha: float,
-    no_evidence_threshold: float,
-) -> Overlay:
-    """Upsample ``heatmap`` to ``display``, blend it, and add a legend band with ``lines`` and ``warnings``."""
+) -> np.ndarray:
+    """The (H + band, W, 3) uint8 overlay: ``heat`` (normalised at the map's own resolution, see
+    :func:`explain.render.normalise`) upsampled onto ``display``, and a legend band with ``lines`` and ``warnings``.
+    """
     h, w = display.shape
-    heat = normalise(upsample(heatmap, (h, w)), no_evidence_threshold=no_evidence_threshold)
-    picture = blend(display, heat.map, colormap=colormap, alpha=alpha)
+    picture = blend(display, upsample(heat.map, (h, w)), colormap=colormap, alpha=alpha)
     scale = max(w, 400) / 1200.0
     line_h = int(round(34 * scale))
     pad = int(round(12 * scale))
@@ -74,4 +66,4 @@ def compose_overlay(
     (tw, _), _ = cv2.getTextSize("max", cv2.FONT_HERSHEY_SIMPLEX, label_scale, thickness)
     cv2.putText(band, "max", (x0 + bar_w - tw, y), cv2.FONT_HERSHEY_SIMPLEX, label_scale, _WHITE, thickness,
                 cv2.LINE_AA)
-    return Overlay(rgb=np.vstack([picture, band]), heat=heat)
+    return np.vstack([picture, band])

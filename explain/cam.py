@@ -1,0 +1,352 @@
+"""Class activation maps: one compiled pass gives the prediction and the heatmap together.
+
+:class:`BaseCAM` owns the pass: a single ``tf.function`` that calls the network once (``training=False``),
+records the target feature maps ``A`` and the pre-softmax logits (see :mod:`explain.layers`), and takes
+``G = d y^c / d A`` inside the same graph. Each method overrides only :meth:`BaseCAM.weights`; the map is
+``ReLU(sum_k W_k * A_k)`` (Selvaraju et al. 2017, eq. 2, with ``W`` broadcastable to ``A``).
+
+The pass is traced once per batch-size bucket (powers of two up to :data:`MAX_BUCKET`): a batch is padded up
+to its bucket and the results sliced, so a worker that sees batches of 1..16 compiles at most five graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow as tf
+
+from explain.layers import AUTO, Head, HeadKind, capture, find_head, find_target_layer
+
+logger = logging.getLogger(__name__)
+
+MAX_BUCKET = 32
+MIXED_PRECISION_ENV = "CXR_LENS_MIXED_PRECISION"
+_NO_CLASS = -1  # "explain the predicted class", resolved inside the graph
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Prediction and heatmaps from one pass.
+
+    ``heatmaps`` are at the target layer's resolution, after the method's ReLU, before any normalisation or
+    resizing (see :mod:`explain.render`). Arrays are read-only.
+    """
+
+    probabilities: np.ndarray  # (B, C) float32, the model's own outputs
+    class_index: np.ndarray  # (B,) int, the explained class per image
+    heatmaps: np.ndarray  # (B, h, w) float32
+    method: str
+    target_layer: str
+
+
+def _bucket(batch_size: int) -> int:
+    return min(MAX_BUCKET, 1 << (batch_size - 1).bit_length())
+
+
+class BaseCAM:
+    """The single compiled pass for one (network, target layer); subclasses define the channel weighting.
+
+    Calling the instance explains a batch. The network is held weakly, so a cached explainer does not keep a
+    discarded model alive.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, network: Any, target_layer: str | None = None) -> None:
+        target = find_target_layer(network, target_layer)
+        self.target_layer: str = target.path
+        self._network = weakref.ref(network)
+        self._function = tf.function(self._pass, autograph=False)
+        self._concrete: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()
+        self.trace_count = 0
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        """Per-channel (or per-element) weights ``W`` for ``A`` (B, h, w, k), given ``G = dy^c/dA``."""
+        raise NotImplementedError
+
+    def combine(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        """Eq. 2: ``ReLU(sum_k W_k A_k)`` -> (B, h, w)."""
+        weights = self.weights(activations, gradients)
+        if weights.shape[1] == 1 and weights.shape[2] == 1:  # per-channel weights: one contraction over k
+            return tf.nn.relu(tf.einsum("bhwk,bk->bhw", activations, weights[:, 0, 0, :]))
+        return tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))
+
+    def _network_or_raise(self) -> Any:
+        network = self._network()
+        if network is None:
+            raise RuntimeError("the network this explainer was built for no longer exists")
+        return network
+
+    def _pass(self, images: tf.Tensor, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        # Python here runs only while tracing; the hooks it installs are gone before the graph ever runs.
+        self.trace_count += 1
+        network = self._network_or_raise()
+        target = find_target_layer(network, self.target_layer)
+        head: Head = find_head(network)
+        # Only A is watched (in the capture hook): the backbone before A is not recorded, so the graph holds
+        # no backward ops for it — just the head's, from y^c back to A.
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            with capture(target, head, tape) as captured:
+                probabilities = network(images, training=False)
+            if captured.activations is None:
+                raise RuntimeError(f"target layer {self.target_layer!r} was not called by the network")
+            logits = probabilities if head.kind is HeadKind.OUTPUT else captured.logits
+            if logits is None:
+                raise RuntimeError(f"the final layer {head.layer.name!r} did not apply its activation")
+            predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+            chosen = tf.where(class_index == _NO_CLASS, predicted, class_index)
+            # Images are independent (training=False), so d(sum_b y_b)/dA_b = dy_b/dA_b.
+            one_hot = tf.one_hot(chosen, tf.shape(logits)[-1], dtype=logits.dtype)
+            score = tf.reduce_sum(logits * one_hot)
+        gradients = tape.gradient(score, captured.activations)
+        if gradients is None:
+            raise ValueError(f"the class score does not depend on target layer {self.target_layer!r}")
+        activations = tf.cast(captured.activations, tf.float32)
+        gradients = tf.cast(gradients, tf.float32)
+        heatmaps = self.combine(activations, gradients)
+        return tf.cast(probabilities, tf.float32), chosen, heatmaps
+
+    def _compiled(self, shape: tuple[int, ...]) -> Any:
+        with self._lock:
+            function = self._concrete.get(shape)
+            if function is None:
+                logger.debug("tracing %s on %s for input %s", self.name, self.target_layer, shape)
+                function = self._function.get_concrete_function(
+                    tf.TensorSpec(shape, tf.float32), tf.TensorSpec(shape[:1], tf.int32)
+                )
+                self._concrete[shape] = function
+            return function
+
+    def __call__(self, images: np.ndarray, class_index: np.ndarray | None = None) -> Explanation:
+        """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) int32, -1 or None for "predicted"."""
+        batch = images.shape[0]
+        if class_index is None:
+            class_index = np.full(batch, _NO_CLASS, dtype=np.int32)
+        chunks = [
+            self._run(images[start : start + MAX_BUCKET], class_index[start : start + MAX_BUCKET])
+            for start in range(0, batch, MAX_BUCKET)
+        ]
+        probabilities, chosen, heatmaps = (
+            chunks[0] if len(chunks) == 1 else tuple(np.concatenate(part) for part in zip(*chunks, strict=True))
+        )
+        return Explanation(
+            probabilities=_frozen(probabilities),
+            class_index=_frozen(chosen.astype(np.int64)),
+            heatmaps=_frozen(heatmaps),
+            method=self.name,
+            target_layer=self.target_layer,
+        )
+
+    def _run(self, images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One chunk of at most MAX_BUCKET images: pad up to the bucket, run the pass, slice the padding off."""
+        size = images.shape[0]
+        padding = _bucket(size) - size
+        if padding:
+            images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
+            class_index = np.concatenate([class_index, np.full(padding, _NO_CLASS, dtype=np.int32)])
+        outputs = self._compiled(images.shape)(tf.constant(images), tf.constant(class_index))
+        probabilities, chosen, heatmaps = (output.numpy()[:size] for output in outputs)
+        return probabilities, chosen, heatmaps
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def _spatial_mean(tensor: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tensor, axis=(1, 2), keepdims=True)
+
+
+class GradCAM(BaseCAM):
+    """Selvaraju et al. 2017, eq. 1: ``alpha_k = mean_ij dy^c/dA^k_ij`` (y^c before the softmax)."""
+
+    name = "gradcam"
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        return _spatial_mean(gradients)
+
+
+class GuidedGradCAM(BaseCAM):
+    """The seed article's variant: ``alpha_k = mean_ij [A>0][G>0] G`` (only positive evidence at active units)."""
+
+    name = "gradcam-guided"
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        mask = tf.cast((activations > 0) & (gradients > 0), gradients.dtype)
+        return _spatial_mean(mask * gradients)
+
+
+class GradCAMPlusPlus(BaseCAM):
+    """Chattopadhay et al. 2018, eq. 19 and 10.
+
+    ``a_ij = G^2 / (2 G^2 + sum_ab A_ab G^3)`` (0 where the denominator is 0), ``w_k = sum_ij a_ij ReLU(G)``,
+    with ``G`` the gradient of the pre-softmax score (the exp(S) factor of eq. 19 is a positive per-image scale,
+    dropped as in common implementations).
+    """
+
+    name = "gradcam++"
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        squared = tf.square(gradients)
+        denominator = 2.0 * squared + tf.reduce_sum(activations, axis=(1, 2), keepdims=True) * squared * gradients
+        safe = tf.where(denominator != 0.0, denominator, tf.ones_like(denominator))
+        alpha = tf.where(denominator != 0.0, squared / safe, tf.zeros_like(squared))
+        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
+
+
+class HiResCAM(BaseCAM):
+    """Draelos & Carin 2020, eq. 5: element-wise ``W = G``, i.e. ``ReLU(sum_k G_k * A_k)`` without pooling."""
+
+    name = "hirescam"
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        return gradients
+
+
+class LayerCAM(BaseCAM):
+    """Jiang et al. 2021, eq. 7-8: element-wise ``W = ReLU(G)``, map ``ReLU(sum_k ReLU(G_k) * A_k)``."""
+
+    name = "layercam"
+
+    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        return tf.nn.relu(gradients)
+
+
+METHODS: Mapping[str, type[BaseCAM]] = MappingProxyType(
+    {method.name: method for method in (GradCAM, GuidedGradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM)}
+)
+
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], BaseCAM]] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def explainer_for(network: Any, method: str = "gradcam", target_layer: str | None = None) -> BaseCAM:
+    """The cached explainer for (network, method, target layer); built on first use."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    requested = AUTO if target_layer is None else target_layer
+    with _CACHE_LOCK:
+        per_network = _CACHE.setdefault(network, {})
+        explainer = per_network.get((method, requested))
+        if explainer is None:
+            explainer = METHODS[method](network, requested)
+            per_network[(method, requested)] = explainer
+            per_network.setdefault((method, explainer.target_layer), explainer)
+        return explainer
+
+
+def _class_indices(class_index: int | Sequence[int] | None, batch: int, network: Any) -> np.ndarray | None:
+    if class_index is None:
+        return None
+    num_classes = tuple(network.outputs[0].shape)[-1]
+    if isinstance(class_index, (int, np.integer)):
+        indices = np.full(batch, int(class_index), dtype=np.int64)
+    else:
+        indices = np.asarray(class_index)
+        if indices.shape != (batch,) or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"class_index must be an int or {batch} ints, got {class_index!r}")
+    if np.any((indices < 0) | (indices >= num_classes)):
+        raise ValueError(f"class_index {class_index!r} out of range for {num_classes} classes")
+    return indices.astype(np.int32)
+
+
+def _checked_images(images: Any, network: Any) -> np.ndarray:
+    array = np.asarray(images)
+    if array.ndim != 4 or array.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (B, H, W, C) array, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"images must be preprocessed floating point, got {array.dtype}")
+    expected = tuple(network.inputs[0].shape)[1:]
+    if any(e is not None and e != a for e, a in zip(expected, array.shape[1:], strict=True)):
+        raise ValueError(f"images have shape {array.shape[1:]}, the model expects {expected}")
+    return array.astype(np.float32, copy=False)
+
+
+def explain(
+    model: Any,
+    images: np.ndarray,
+    *,
+    method: str = "gradcam",
+    class_index: int | Sequence[int] | None = None,
+    target_layer: str | None = None,
+) -> Explanation:
+    """Predict and explain ``images`` (B, H, W, C float32, preprocessed) in one compiled pass.
+
+    ``model`` is a Keras 3 / tf_keras model or a ``LoadedModel`` (anything with ``.network``; its
+    ``.target_layer`` is the default target). ``class_index``: None (the predicted class), an int, or one per
+    image. ``target_layer``: a layer name or nested path; None/"auto" picks the last 4-D map above 1x1.
+    """
+    network = getattr(model, "network", model)
+    if target_layer is None:
+        target_layer = getattr(model, "target_layer", None) if network is not model else None
+    array = _checked_images(images, network)
+    indices = _class_indices(class_index, array.shape[0], network)
+    return explainer_for(network, method, target_layer)(array, indices)
+
+
+@dataclass(frozen=True)
+class DeviceSetup:
+    """What :func:`configure_device` found and set."""
+
+    gpus: int
+    memory_growth: bool
+    mixed_precision: bool
+
+
+def _gpu_supports_float16(gpu: Any) -> bool:
+    details = tf.config.experimental.get_device_details(gpu)
+    return details.get("compute_capability", (0, 0)) >= (7, 0)
+
+
+def enable_memory_growth() -> bool:
+    """Let TensorFlow grow GPU memory on demand instead of taking all of it; True if set on every GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    enabled = bool(gpus)
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            enabled = False
+            logger.warning("GPU %s was initialised before memory growth could be enabled", gpu.name)
+    return enabled
+
+
+def configure_device(mixed_precision: bool | None = None) -> DeviceSetup:
+    """Turn on GPU memory growth, and mixed precision where the GPU has fast float16 (compute capability >= 7).
+
+    Call before building or loading the model (the policy applies to models created afterwards).
+    ``mixed_precision`` None reads ``CXR_LENS_MIXED_PRECISION`` (1/0), else enables it when supported. The CAM
+    maths always runs in float32; on CPU nothing changes, so results there are identical.
+    """
+    growth = enable_memory_growth()
+    gpus = tf.config.list_physical_devices("GPU")
+    if mixed_precision is None:
+        setting = os.environ.get(MIXED_PRECISION_ENV)
+        mixed_precision = setting == "1" if setting is not None else True
+    enabled = bool(mixed_precision and gpus and all(_gpu_supports_float16(gpu) for gpu in gpus))
+    if enabled:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            import tf_keras
+        except ImportError:
+            pass
+        else:
+            tf_keras.mixed_precision.set_global_policy("mixed_float16")
+        logger.info("mixed precision (float16 compute) enabled on %d GPU(s)", len(gpus))
+    return DeviceSetup(gpus=len(gpus), memory_growth=growth, mixed_precision=enabled)
+
+
+# Memory growth must be set before the first GPU op; importing explain.cam early is the usual way to get there.
+enable_memory_growth()

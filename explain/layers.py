@@ -1,0 +1,229 @@
+"""Where to look inside a network: target-layer discovery, the pre-softmax head, and trace-time capture.
+
+Grad-CAM (Selvaraju et al. 2017, eq. 1) needs two tensors from one forward pass: the feature maps ``A`` of a
+convolutional layer and the class score ``y^c`` *before* the softmax. Both are taken from the model's own
+forward pass without rebuilding or editing it: while a ``tf.function`` is being traced, :func:`capture`
+briefly wraps the target layer's ``call`` (to record ``A``) and the final softmax (to record its input, the
+logits), then restores both. The traced graph keeps the tensors; the model object is left exactly as found.
+This works the same for Keras 3 and tf_keras models and for a backbone nested as one layer of a larger model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+PATH_SEPARATOR = "/"
+AUTO = "auto"
+
+# Final activations whose input is the class score y^c of eq. 1 (monotone squashing of a logit).
+_SQUASHING_ACTIVATIONS = frozenset({"softmax", "sigmoid"})
+_LINEAR_ACTIVATIONS = frozenset({"linear", "identity"})
+
+# Hooks are installed on shared layer objects, so only one trace may hold them at a time.
+_HOOK_LOCK = threading.RLock()
+_ACTIVE = threading.local()
+
+
+def is_model(layer: Any) -> bool:
+    """True for a (Keras 3 or tf_keras) model used as a layer: it has sub-layers of its own."""
+    return isinstance(getattr(layer, "layers", None), list) and hasattr(layer, "outputs")
+
+
+def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(path, layer)`` for every layer in model order, descending into nested models.
+
+    A nested layer's path joins the enclosing model names with ``/`` (``"inception_v3/mixed10"``).
+    """
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        if is_model(layer):
+            yield from iter_layers(layer, prefix=path + PATH_SEPARATOR)
+        yield path, layer
+
+
+def output_shape(layer: Any) -> tuple[int | None, ...] | None:
+    """The layer's (single) symbolic output shape, or None when it has none (unbuilt, shared, multi-output)."""
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    shape = getattr(output, "shape", None)
+    if shape is None:
+        return None
+    if isinstance(shape, tf.TensorShape):
+        return tuple(shape.as_list()) if shape.rank is not None else None
+    return tuple(shape)
+
+
+def is_spatial_map(shape: tuple[int | None, ...] | None) -> bool:
+    """A 4-D (B, h, w, k) output whose spatial size is above 1x1 (unknown sizes count as spatial)."""
+    if shape is None or len(shape) != 4:
+        return False
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        return True
+    return height * width > 1
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """The layer whose output is ``A`` in eq. 1, and its path from the outer model."""
+
+    path: str
+    layer: Any
+
+
+def find_target_layer(model: Any, name: str | None = None) -> TargetLayer:
+    """Resolve the Grad-CAM target layer.
+
+    ``name`` None or ``"auto"``: the last layer (searching nested models too) whose output is 4-D with a
+    spatial size above 1x1 — for the seed InceptionV3 that is ``mixed10``, not the 1x1 AveragePooling2D after
+    it. Otherwise ``name`` is a path (``"inception_v3/mixed10"``) or a plain layer name that must be unique.
+    """
+    layers = list(iter_layers(model))
+    if name is None or name == AUTO:
+        for path, layer in reversed(layers):
+            if type(layer).__name__ == "InputLayer" or is_model(layer):
+                continue
+            if is_spatial_map(output_shape(layer)):
+                return TargetLayer(path, layer)
+        raise ValueError(
+            f"model {model.name!r} has no layer with a 4-D output larger than 1x1: name a target layer"
+        )
+    by_path = [(p, la) for p, la in layers if p == name]
+    if not by_path:
+        by_path = [(p, la) for p, la in layers if la.name == name]
+    if not by_path:
+        raise ValueError(f"model {model.name!r} has no layer named {name!r}")
+    if len(by_path) > 1:
+        paths = ", ".join(p for p, _ in by_path)
+        raise ValueError(f"layer name {name!r} is ambiguous in model {model.name!r} ({paths}): give the path")
+    path, layer = by_path[0]
+    if type(layer).__name__ == "InputLayer":
+        raise ValueError(f"target layer {path!r} is the model input, not a feature map")
+    shape = output_shape(layer)
+    if shape is not None and len(shape) != 4:
+        raise ValueError(f"target layer {path!r} has output shape {shape}; Grad-CAM needs (B, h, w, k)")
+    return TargetLayer(path, layer)
+
+
+def _output_layer(model: Any) -> Any:
+    outputs = model.outputs
+    if outputs is None or len(outputs) != 1:
+        raise ValueError(f"model {model.name!r} must have exactly one output to be explained")
+    history = getattr(outputs[0], "_keras_history", None)
+    return history[0] if history is not None else model.layers[-1]
+
+
+class HeadKind(Enum):
+    """How the class score y^c (before the softmax) is read from the network's last layer."""
+
+    ACTIVATION = "activation"  # a layer with a softmax/sigmoid `.activation` (Dense, Activation)
+    SOFTMAX_LAYER = "softmax_layer"  # a Softmax layer: its input is the logits
+    OUTPUT = "output"  # the output already is the score (linear head)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The network's final layer and where its logits come from."""
+
+    kind: HeadKind
+    layer: Any
+
+
+def find_head(model: Any) -> Head:
+    """Find the final layer (descending into a nested output model) and how to read the pre-softmax score."""
+    layer = _output_layer(model)
+    while is_model(layer):
+        layer = _output_layer(layer)
+    if type(layer).__name__ == "Softmax":
+        return Head(HeadKind.SOFTMAX_LAYER, layer)
+    activation = getattr(layer, "activation", None)
+    activation_name = getattr(activation, "__name__", None)
+    if activation_name in _SQUASHING_ACTIVATIONS:
+        return Head(HeadKind.ACTIVATION, layer)
+    if activation is not None and activation_name not in _LINEAR_ACTIVATIONS:
+        logger.warning(
+            "final layer %r ends in activation %r: explaining its output as the class score",
+            layer.name,
+            activation_name,
+        )
+    return Head(HeadKind.OUTPUT, layer)
+
+
+@dataclass
+class Captured:
+    """Tensors recorded while tracing: the target feature maps ``A`` and the logits (None for OUTPUT heads)."""
+
+    activations: tf.Tensor | None = None
+    logits: tf.Tensor | None = None
+
+
+@contextmanager
+def capture(target: TargetLayer, head: Head, tape: tf.GradientTape) -> Iterator[Captured]:
+    """Record ``A`` (watched on ``tape``) and the logits during one call of the network, then restore it.
+
+    Meant for trace time only: the hooks are plain Python, so they run once while ``tf.function`` traces and
+    the recorded symbolic tensors stay in the graph. Other threads calling the same layers meanwhile see the
+    original behaviour (the hooks record only for the thread that installed them).
+    """
+    captured = Captured()
+    restore: list[tuple[Any, str, bool, Any]] = []
+
+    def patch(obj: Any, attribute: str, value: Any) -> None:
+        had_own = attribute in vars(obj)
+        restore.append((obj, attribute, had_own, vars(obj).get(attribute)))
+        setattr(obj, attribute, value)
+
+    target_call = target.layer.call
+
+    @tf.autograph.experimental.do_not_convert
+    def recording_call(*args: Any, **kwargs: Any) -> Any:
+        outputs = target_call(*args, **kwargs)
+        if getattr(_ACTIVE, "captured", None) is captured:
+            tape.watch(outputs)
+            captured.activations = outputs
+        return outputs
+
+    with _HOOK_LOCK:
+        _ACTIVE.captured = captured
+        try:
+            patch(target.layer, "call", recording_call)
+            if head.kind is HeadKind.ACTIVATION:
+                activation = head.layer.activation
+
+                @tf.autograph.experimental.do_not_convert
+                def recording_activation(x: Any, *args: Any, **kwargs: Any) -> Any:
+                    if getattr(_ACTIVE, "captured", None) is captured:
+                        captured.logits = x
+                    return activation(x, *args, **kwargs)
+
+                patch(head.layer, "activation", recording_activation)
+            elif head.kind is HeadKind.SOFTMAX_LAYER:
+                softmax_call = head.layer.call  # read after patching the target, so the two chain if same
+
+                @tf.autograph.experimental.do_not_convert
+                def recording_softmax(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                    if getattr(_ACTIVE, "captured", None) is captured:
+                        captured.logits = inputs
+                    return softmax_call(inputs, *args, **kwargs)
+
+                patch(head.layer, "call", recording_softmax)
+            yield captured
+        finally:
+            for obj, attribute, had_own, previous in reversed(restore):
+                if had_own:
+                    setattr(obj, attribute, previous)
+                else:
+                    delattr(obj, attribute)
+            _ACTIVE.captured = None
