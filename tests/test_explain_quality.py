@@ -50,4 +50,4 @@ def test_randomised_model_gives_uncorrelated_maps(network) -> None:  # type: ign
             assert rho < 0.5, f"seed {seed}: rank correlation {rho:.3f} with a re-initialised model"
         compared += pairs
     assert compared >= 60  # enough non-empty maps were compared for the check to mean something
-    assert randomisation_correlation(trained, trained) == (pytest.approx(1.0), len(subset))
+    assert randomisation_correlation(trained, trained) == (pytest.approx(1.0), len(subset.labels))
