@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from io import BytesIO
 from pathlib import Path
@@ -95,6 +96,8 @@ def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert sc.StudyInstanceUID == pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).StudyInstanceUID
     assert (tmp_path / "overlay.png").stat().st_size > 10_000
     assert "OBX" in (tmp_path / "result.hl7").read_text()
+    if shutil.which("dciodvfy"):  # the SC that travelled over the network is judged too
+        assert dciodvfy_errors(tmp_path / "overlay.dcm") == []
 
 
 @needs_binary("Orthanc", "/usr/sbin/Orthanc")
