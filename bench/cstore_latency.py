@@ -3,7 +3,8 @@
 Starts a real node (the configured model, default the demo model) with a local DICOM sink as the PACS and a
 local MLLP sink, sends N copies of RG1 (distinct SOP Instance UIDs) over one association as fast as the node
 answers, and prints the C-STORE round-trip percentiles measured at the sender, side by side with the same sends
-to the idle DICOM sink (a pynetdicom SCP that writes files without fsync), plus how many jobs the workers finished meanwhile.
+to the idle DICOM sink (a pynetdicom SCP that writes files without fsync), plus how many jobs the workers
+finished meanwhile.
 """
 
 from __future__ import annotations
