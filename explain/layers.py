@@ -169,6 +169,18 @@ class Captured:
     logits: tf.Tensor | None = None
 
 
+def _recording_logits(fn: Any, captured: Captured) -> Any:
+    """Wrap the softmax (an activation function or a Softmax layer's ``call``) to record its input, the logits."""
+
+    @tf.autograph.experimental.do_not_convert
+    def recording(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_ACTIVE, "captured", None) is captured:
+            captured.logits = x
+        return fn(x, *args, **kwargs)
+
+    return recording
+
+
 @contextmanager
 def capture(target: TargetLayer, head: Head, tape: tf.GradientTape) -> Iterator[Captured]:
     """Record ``A`` (watched on ``tape``) and the logits during one call of the network, then restore it.
@@ -200,25 +212,10 @@ def capture(target: TargetLayer, head: Head, tape: tf.GradientTape) -> Iterator[
         try:
             patch(target.layer, "call", recording_call)
             if head.kind is HeadKind.ACTIVATION:
-                activation = head.layer.activation
-
-                @tf.autograph.experimental.do_not_convert
-                def recording_activation(x: Any, *args: Any, **kwargs: Any) -> Any:
-                    if getattr(_ACTIVE, "captured", None) is captured:
-                        captured.logits = x
-                    return activation(x, *args, **kwargs)
-
-                patch(head.layer, "activation", recording_activation)
+                patch(head.layer, "activation", _recording_logits(head.layer.activation, captured))
             elif head.kind is HeadKind.SOFTMAX_LAYER:
-                softmax_call = head.layer.call  # read after patching the target, so the two chain if same
-
-                @tf.autograph.experimental.do_not_convert
-                def recording_softmax(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-                    if getattr(_ACTIVE, "captured", None) is captured:
-                        captured.logits = inputs
-                    return softmax_call(inputs, *args, **kwargs)
-
-                patch(head.layer, "call", recording_softmax)
+                # Read ``call`` after patching the target, so that the two hooks chain if they are one layer.
+                patch(head.layer, "call", _recording_logits(head.layer.call, captured))
             yield captured
         finally:
             for obj, attribute, had_own, previous in reversed(restore):

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 from pydicom import config
+
+from dicom_node.dicom_sink import DicomSink
 
 # Whatever the tests write must be valid DICOM (STYLE.md 11): invalid values raise instead of warning.
 config.settings.writing_validation_mode = config.RAISE
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[DicomSink]:
+    """A DICOM sink playing the PACS (AE title PACS) on a free port."""
+    s = DicomSink(tmp_path / "pacs", ae_title="PACS")
+    s.start()
+    yield s
+    s.stop()

@@ -88,14 +88,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     return False
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[DicomSink]:
-    s = DicomSink(tmp_path / "pacs", ae_title="PACS")
-    s.start()
-    yield s
-    s.stop()
-
-
 def test_node_round_trip_with_metrics_and_health(tmp_path: Path, sink: DicomSink) -> None:
     node, outbox = make_node(tmp_path / "spool", (DestinationSettings(ae_title="PACS", host="127.0.0.1",
                                                                       port=sink.port),))

@@ -40,14 +40,6 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
     box.close()
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[DicomSink]:
-    s = DicomSink(tmp_path / "pacs", ae_title="PACS")
-    s.start()
-    yield s
-    s.stop()
-
-
 def dest(port: int, ae: str = "PACS") -> DestinationSettings:
     return DestinationSettings(ae_title=ae, host="127.0.0.1", port=port)
 
