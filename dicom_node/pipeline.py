@@ -174,10 +174,13 @@ class Processor:
 
 def load_processor(settings: Settings) -> Processor:
     """Load the model and rules named by ``settings`` (imports TensorFlow)."""
+    from explain import configure_device
     from models.loading import load_model
 
     from dicom_node.rules import load_rules
 
+    device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
+    log.info("device: %d GPU(s), mixed precision %s", device.gpus, "on" if device.mixed_precision else "off")
     return Processor(settings, load_model(settings.model), load_rules(settings.rules_file))
 
 
