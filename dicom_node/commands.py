@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def _read(path: Path) -> Dataset | Failed:
         return Failed(f"cannot read {path.name} as DICOM ({type(exc).__name__}: {exc})")
 
 
-def result_record(source_name: str, outcome: Outcome, settings: Settings) -> dict[str, Any]:
+def result_record(source_name: str, outcome: Outcome) -> dict[str, Any]:
     """The ``result.json`` content for one input (no patient identifiers)."""
     record: dict[str, Any] = {"input": source_name, "status": outcome.status}
     if isinstance(outcome, NotEligible):
@@ -72,13 +71,13 @@ def result_record(source_name: str, outcome: Outcome, settings: Settings) -> dic
     return record
 
 
-def write_outputs(directory: Path, source_name: str, outcome: Outcome, settings: Settings) -> None:
+def write_outputs(directory: Path, source_name: str, outcome: Outcome) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(outcome, Processed):
         outcome.secondary_capture.save_as(directory / "overlay.dcm", enforce_file_format=True)
         (directory / "overlay.png").write_bytes(outcome.overlay_png)
         (directory / "result.hl7").write_text(outcome.oru_message.replace("\r", "\n"), encoding="utf-8")
-    record = result_record(source_name, outcome, settings)
+    record = result_record(source_name, outcome)
     (directory / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
@@ -91,27 +90,25 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
         return 1
     processor = load_processor(settings)
     dirs = _unique_dirs(files, out)
-    rows: list[tuple[Path, Path, Outcome, float]] = []
+    rows: list[tuple[Path, Path, Outcome]] = []
     batch = settings.worker.batch_size
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=len(files) < 2) as progress:
         task = progress.add_task("explaining", total=len(files))
         for start in range(0, len(files), batch):
             chunk = list(zip(files[start:start + batch], dirs[start:start + batch]))
-            t = time.perf_counter()
             read = [_read(f) for f, _ in chunk]
             datasets = [d for d in read if isinstance(d, Dataset)]
             processed = iter(processor.process(datasets) if datasets else [])
             outcomes = [next(processed) if isinstance(d, Dataset) else d for d in read]
-            per_file = (time.perf_counter() - t) / len(chunk)
             for (f, d), outcome in zip(chunk, outcomes):
-                write_outputs(d, f.name, outcome, settings)
-                rows.append((f, d, outcome, per_file))
+                write_outputs(d, f.name, outcome)
+                rows.append((f, d, outcome))
                 progress.advance(task)
     table = Table(title="cxr-lens explain", show_lines=False)
     for col in ("input", "status", "label", "p", "output / reason"):
         table.add_column(col)
-    for f, d, outcome, _ in rows:
+    for f, d, outcome in rows:
         if isinstance(outcome, Processed):
             table.add_row(f.name, "processed", outcome.result.label, f"{outcome.result.probability:.3f}", str(d))
         elif isinstance(outcome, NotEligible):
@@ -122,7 +119,7 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
     if settings.model.is_demo:
         console.print(f"[bold yellow]{DEMO_LABEL}[/]: trained on synthetic phantoms, demonstration only. "
                       f"{AI_DISCLAIMER}.")
-    failed = [(f, o) for f, _, o, _ in rows if isinstance(o, Failed)]
+    failed = [(f, o) for f, _, o in rows if isinstance(o, Failed)]
     for f, o in failed:
         console.print(f"failed: {f}: {o.reason}")
     return 1 if failed else 0

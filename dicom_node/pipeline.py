@@ -23,7 +23,7 @@ from dicom_node.errors import CxrLensError
 from dicom_node.hl7.oru import build_oru, new_message_control_id
 from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
 from dicom_node.rules import Rules, evaluate
-from dicom_node.secondary_capture import build_secondary_capture, overlay_uids
+from dicom_node.secondary_capture import build_secondary_capture
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
@@ -163,9 +163,8 @@ class Processor:
         sc = build_secondary_capture(item.source, overlay, result)
         timings["secondary_capture"] = _ms(t)
         t = time.perf_counter()
-        series_uid, sop_uid = overlay_uids(item.source, result)
         hl7_png = encode_png(overlay, self.settings.hl7.image_long_side) if self.settings.hl7.include_image else None
-        ref = OverlayRef(str(item.source.StudyInstanceUID), series_uid, sop_uid, hl7_png)
+        ref = OverlayRef(str(sc.StudyInstanceUID), str(sc.SeriesInstanceUID), str(sc.SOPInstanceUID), hl7_png)
         oru = build_oru(item.source, result, ref, self.settings.hl7,
                         message_control_id=new_message_control_id(), now=datetime.now().astimezone())
         timings["hl7"] = _ms(t)

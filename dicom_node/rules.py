@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 from dicom_node.errors import ConfigError
 from dicom_node.settings import format_validation_error
@@ -84,7 +85,7 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
     value = ds.get(keyword)
     if value is None or value == "":
         return []
-    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     return [str(v).strip().upper() for v in items if str(v).strip()]
 
 

@@ -110,7 +110,7 @@ def _check_shapes(network: Any, settings: ModelSettings) -> None:
     in_shape = tuple(network.inputs[0].shape)
     out_shape = tuple(network.outputs[0].shape)
     expected_in = (*settings.input_size, settings.channels)
-    if len(in_shape) != 4 or tuple(d for d in in_shape[1:]) != expected_in:
+    if len(in_shape) != 4 or tuple(in_shape[1:]) != expected_in:
         raise ModelError(
             f"model.input_size/model.channels: the network takes {in_shape[1:]}, the configuration says {expected_in}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def train(out_dir: Path, *, n_train: int, n_val: int, n_held_out: int, epochs: i
         "seed": seed,
         "final_val_accuracy": round(float(history.history["val_accuracy"][-1]), 4),
         "train_seconds": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
