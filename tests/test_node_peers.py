@@ -100,6 +100,8 @@ def test_node_round_trip_with_metrics_and_health(tmp_path: Path, sink: DicomSink
         assert sc.SOPClassUID == SecondaryCaptureImageStorage
         assert sc.StudyInstanceUID == original.StudyInstanceUID
         assert wait_until(lambda: node.queue.counts()["done"] == 1)
+        # The sink has the SC before the sender has read the C-STORE response and counted it: wait for the count.
+        assert wait_until(lambda: "cxr_lens_sc_sent_total 1.0" in http_get(node.http_port, "/metrics")[1])
 
         status, text = http_get(node.http_port, "/metrics")
         assert status == 200
