@@ -3,7 +3,8 @@
 It accepts every storage SOP class in every transfer syntax pynetdicom knows, writes each instance as received
 into ``out_dir`` and remembers it in :attr:`DicomSink.received`. ``refuse_with`` makes it answer every C-STORE
 with that status instead (e.g. 0xA700 out of resources, 0xA900 data set does not match SOP Class), to exercise
-a sender's retry and park paths.
+a sender's retry and park paths. ``ssl_context`` makes it a TLS PACS (handshake outside the accept loop, as for
+our own SCP: see :mod:`dicom_node.acceptor`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from pathlib import Path
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.acceptor import AcceptPolicy, GuardedAssociationServer, start_server
 
 LOG = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class DicomSink:
         host: str = "127.0.0.1",
         port: int = 0,
         refuse_with: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.ae_title = ae_title
@@ -55,7 +59,8 @@ class DicomSink:
         self._requested_port = port
         self._lock = threading.Lock()
         self._received: list[ReceivedInstance] = []
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
+        self._policy = AcceptPolicy(name=f"DICOM sink {ae_title}", tls_context=ssl_context)
         self._ae = AE(ae_title=ae_title)
         self._ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
@@ -78,9 +83,10 @@ class DicomSink:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
-        self._server = self._ae.start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+        self._server = start_server(self._ae, (self.host, self._requested_port), self._policy, handlers)
         self._requested_port = self.port
-        LOG.info("DICOM sink %s listening on %s:%d", self.ae_title, self.host, self.port)
+        LOG.info("DICOM sink %s listening on %s:%d%s", self.ae_title, self.host, self.port,
+                 " (TLS)" if self._policy.tls_context is not None else "")
 
     def stop(self) -> None:
         if self._server is not None:

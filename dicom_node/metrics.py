@@ -35,6 +35,9 @@ class Metrics:
             return Counter(f"{PREFIX}_{name}", doc, labels, registry=self.registry)
 
         self.received = counter("received", "C-STORE requests received")
+        self.associations_refused = counter(
+            "associations_refused", "Connections or associations refused, by reason (see acceptor.Refusal)", ("reason",)
+        )
         self.cstore_status = counter("cstore_status", "C-STORE responses sent, by status", ("status",))
         self.stored = counter("stored", "Instances newly written to the spool and queued")
         self.duplicates = counter("duplicates", "Instances received again with identical content (not re-queued)")

@@ -11,11 +11,14 @@ import logging
 import threading
 from typing import Any, Protocol
 
+import pydicom.config
+
 from dicom_node.metrics import Metrics, MetricsServer
 from dicom_node.outbox import Outbox
 from dicom_node.scp import RulesCheck, StorageSCP
 from dicom_node.scu import DicomSender
 from dicom_node.settings import Settings
+from dicom_node.stages import StagedWorker, Stages
 from dicom_node.store import JobQueue, Spool, jobs_path
 from dicom_node.worker import ProcessBatch, Worker
 
@@ -35,7 +38,8 @@ class Node:
         self,
         settings: Settings,
         *,
-        process_batch: ProcessBatch,
+        process_batch: ProcessBatch | None = None,
+        stages: Stages | None = None,
         dicom_sender: DicomSender,
         hl7_sender: BackgroundSender | None = None,
         rules_check: RulesCheck | None = None,
@@ -55,14 +59,19 @@ class Node:
             if sender is not None and getattr(sender, "metrics", False) is None:
                 sender.metrics = self.metrics  # type: ignore[union-attr]
         self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
-        self.worker = Worker(
-            self.queue,
-            self.spool,
-            process_batch,
-            batch_size=settings.worker.batch_size,
-            batch_wait_ms=settings.worker.batch_wait_ms,
-            metrics=self.metrics,
-        )
+        work = settings.worker
+        if (process_batch is None) == (stages is None):
+            raise ValueError("give exactly one of process_batch and stages")
+        self.worker: Worker
+        if stages is not None:
+            self.worker = StagedWorker(
+                self.queue, self.spool, stages, batch_size=work.batch_size, batch_wait_ms=work.batch_wait_ms,
+                decode_threads=work.decode_threads, output_threads=work.output_threads, metrics=self.metrics,
+            )
+        else:
+            assert process_batch is not None
+            self.worker = Worker(self.queue, self.spool, process_batch, batch_size=work.batch_size,
+                                 batch_wait_ms=work.batch_wait_ms, metrics=self.metrics)
         self.http: MetricsServer | None = None
         self._stop_senders = threading.Event()
         self._sender_threads: dict[str, threading.Thread] = {}
@@ -78,6 +87,9 @@ class Node:
         pnd = logging.getLogger("pynetdicom")
         if pnd.level == logging.NOTSET:
             pnd.setLevel(logging.WARNING)
+        # pydicom's reading validation logs and warns with the offending value quoted (a malformed patient name
+        # or age included): values we only store and copy are not validated on reading (no PHI in logs).
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     def _outbox(self) -> Outbox:
         return self.dicom_sender.outbox

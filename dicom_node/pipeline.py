@@ -96,11 +96,17 @@ class Processor:
         if not verdict.eligible:
             return NotEligible(verdict.rule or "", verdict.reason)
         t = time.perf_counter()
+        cfg = self.settings.pixels
         try:
-            display = pixels.render_display(source, max_pixels=self.settings.pixels.max_pixels)
+            # Rendered straight at the overlay's size (JPEG 2000: decoded only to the level it needs), never
+            # below the model's input size.
+            display = pixels.render_display(
+                source, max_pixels=cfg.max_pixels, max_long_side=cfg.overlay_max_long_side,
+                min_shape=self.model.input_size, reduced_decode=cfg.reduced_decode,
+            )
         except CxrLensError as exc:
             return Failed(f"{type(exc).__name__}: {exc}")
-        image = pixels.fit_long_side(display.pixels, self.settings.pixels.overlay_max_long_side)
+        image = display.pixels
         x = pixels.model_input(image, self.model.input_size, self.model.channels, self.model.preprocess)
         return _Prepared(index, source, image, x, {"render": _ms(t)})
 
@@ -195,34 +201,77 @@ def make_process_batch(processor: Processor, dicom_sender: Any, hl7_sender: Any 
     Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
     and the outbox's de-duplication key (the overlay's SOP Instance UID) keeps it from being delivered twice.
     """
+    def process_batch(items: list[tuple[Any, bytes]]) -> list[Any]:
+        parsed = [(job, _parse_spooled(data)) for job, data in items]
+        datasets = [d for _, d in parsed if isinstance(d, Dataset)]
+        results = iter(processor.process(datasets) if datasets else [])
+        return [
+            deliver(job.id, next(results) if isinstance(d, Dataset) else d, dicom_sender, hl7_sender)
+            for job, d in parsed
+        ]
+
+    return process_batch
+
+
+def _parse_spooled(data: bytes) -> Dataset | Failed:
+    try:
+        return pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # boundary: a spooled file that no longer parses fails its job
+        return Failed(f"spooled instance does not parse ({type(exc).__name__})")
+
+
+def deliver(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> Any:
+    """Enqueue a processed job's outputs durably (SC, then ORU) and return the job's outcome."""
     from dicom_node.store import JobState
     from dicom_node.worker import JobOutcome
 
-    def process_batch(items: list[tuple[Any, bytes]]) -> list[Any]:
-        parsed: list[tuple[Any, Dataset | Failed]] = []
-        for job, data in items:
-            try:
-                parsed.append((job, pydicom.dcmread(io.BytesIO(data))))
-            except Exception as exc:  # boundary: a spooled file that no longer parses fails its job
-                parsed.append((job, Failed(f"spooled instance does not parse ({type(exc).__name__})")))
-        datasets = [d for _, d in parsed if isinstance(d, Dataset)]
-        results = iter(processor.process(datasets) if datasets else [])
-        outcomes = []
-        for job, d in parsed:
-            outcome = next(results) if isinstance(d, Dataset) else d
-            if isinstance(outcome, Processed):
-                key = str(outcome.secondary_capture.SOPInstanceUID)
-                dicom_sender.enqueue(_part10_bytes(outcome.secondary_capture), dedup_key=key)
-                if hl7_sender is not None:
-                    hl7_sender.enqueue(outcome.oru_message, dedup_key=key)
-                outcomes.append(JobOutcome(job.id, JobState.DONE))
-            elif isinstance(outcome, NotEligible):
-                outcomes.append(JobOutcome(job.id, JobState.INELIGIBLE, rule=outcome.rule, reason=outcome.reason))
-            else:
-                outcomes.append(JobOutcome(job.id, JobState.FAILED, reason=outcome.reason))
-        return outcomes
+    if isinstance(outcome, Processed):
+        key = str(outcome.secondary_capture.SOPInstanceUID)
+        dicom_sender.enqueue(_part10_bytes(outcome.secondary_capture), dedup_key=key)
+        if hl7_sender is not None:
+            hl7_sender.enqueue(outcome.oru_message, dedup_key=key)
+        return JobOutcome(job_id, JobState.DONE)
+    if isinstance(outcome, NotEligible):
+        return JobOutcome(job_id, JobState.INELIGIBLE, rule=outcome.rule, reason=outcome.reason)
+    return JobOutcome(job_id, JobState.FAILED, reason=outcome.reason)
 
-    return process_batch
+
+@dataclass(frozen=True)
+class _BatchResult:
+    explanation: Any
+    index: int
+    explain_ms: float
+
+
+class ProcessorStages:
+    """The node's work as the pipelined worker's stages (``dicom_node.stages``): parse and render on the
+    decode pool, one model pass per batch, overlay + Secondary Capture + ORU on the output pool."""
+
+    def __init__(self, processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> None:
+        self.processor = processor
+        self.dicom_sender = dicom_sender
+        self.hl7_sender = hl7_sender
+
+    def prepare(self, job: Any, data: bytes) -> Any:
+        ds = _parse_spooled(data)
+        item = self.processor.prepare(0, ds) if isinstance(ds, Dataset) else ds
+        return item if isinstance(item, _Prepared) else deliver(job.id, item, self.dicom_sender, self.hl7_sender)
+
+    def infer(self, items: list[_Prepared]) -> list[_BatchResult]:
+        from explain import explain
+
+        t = time.perf_counter()
+        explanation = explain(self.processor.model, np.stack([p.model_input for p in items]),
+                              method=self.processor.settings.explain.method)
+        per_image = _ms(t) / len(items)
+        return [_BatchResult(explanation, b, per_image) for b in range(len(items))]
+
+    def finish(self, job: Any, item: _Prepared, result: _BatchResult) -> Any:
+        try:
+            outcome: Outcome = self.processor._outputs(item, result.explanation, result.index, result.explain_ms)
+        except CxrLensError as exc:
+            outcome = Failed(f"{type(exc).__name__}: {exc}")
+        return deliver(job.id, outcome, self.dicom_sender, self.hl7_sender)
 
 
 def compose(settings: Settings, processor: Processor | None = None) -> Any:
@@ -244,5 +293,5 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
         verdict = evaluate(ds, processor.rules)
         return verdict.eligible, verdict.rule, verdict.reason
 
-    return Node(settings, process_batch=make_process_batch(processor, dicom_sender, hl7_sender),
+    return Node(settings, stages=ProcessorStages(processor, dicom_sender, hl7_sender),
                 dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check)

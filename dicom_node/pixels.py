@@ -42,6 +42,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_node import j2k
 from dicom_node.errors import (
     AllZeroDecodeError,
     ColourImageError,
@@ -102,6 +103,7 @@ class DisplayImage:
     source_shape: tuple[int, int]
     photometric: str
     voi: str
+    decode: str = "full"  # or e.g. "JPEG 2000 resolution level 2 of 5": how the stored values were obtained
 
 
 def check_renderable(ds: Dataset, *, max_pixels: int) -> None:
@@ -148,28 +150,96 @@ def check_renderable(ds: Dataset, *, max_pixels: int) -> None:
                 )
 
 
-def render_display(ds: Dataset, *, max_pixels: int = 64_000_000) -> DisplayImage:
+def render_display(
+    ds: Dataset,
+    *,
+    max_pixels: int = 64_000_000,
+    max_long_side: int | None = None,
+    min_shape: tuple[int, int] = (0, 0),
+    reduced_decode: bool = True,
+) -> DisplayImage:
     """Decode ``ds`` and return it as a viewer shows it (PS3.3 C.11: Modality LUT, VOI, MONOCHROME1 inversion).
 
     The VOI transform is the first VOI LUT Sequence item when there is one (preferred over a window when both
     are present, as pydicom's ``apply_voi_lut`` does; PS3.3 C.11.2 leaves the choice to the application), else
     the first Window Center/Width pair (C.11.2.1.2), else the 0.5-99.5 percentile range of the modality values.
     The dataset is not modified (decoding does not cache the array on it).
+
+    With ``max_long_side`` the image is rendered at the source size capped at that long side (never enlarged
+    beyond the source): the stored values are resized first (cv2 INTER_AREA), then the LUTs run on the small
+    array, as a viewer that minifies before windowing does. JPEG 2000 and HTJ2K are then decoded only to the coarsest resolution level that gives at
+    least ``min_shape`` (rows, columns) and comes within sqrt(2) of ``max_long_side`` (see
+    :func:`dicom_node.j2k.choose_level`), unless ``reduced_decode`` is False; everything else, and any
+    codestream the reduced path declines, is decoded in full first.
     """
     check_renderable(ds, max_pixels=max_pixels)
     photometric = str(ds.PhotometricInterpretation).strip()
-    stored = _decode(ds)
+    stored, how = None, "full"
+    if max_long_side is not None and reduced_decode:
+        stored, how = _decode_reduced(ds, max_long_side, min_shape)
+    if stored is None:
+        stored = _decode(ds)
     if not stored.any():
         raise AllZeroDecodeError(
             f"decoding {_transfer_syntax(ds).name} produced only zeros (a known codec failure mode)"
         )
+    if max_long_side is not None:
+        stored = _resize_stored(stored, _target_shape(ds, max_long_side))
     values = _modality_values(stored, ds)
     display, voi = _apply_voi(values, ds)
     if photometric == "MONOCHROME1":
         display = DISPLAY_MAX - display
     display.setflags(write=False)
-    source_shape = (int(stored.shape[0]), int(stored.shape[1]))
-    return DisplayImage(pixels=display, source_shape=source_shape, photometric=photometric, voi=voi)
+    source_shape = (int(ds.Rows), int(ds.Columns))
+    return DisplayImage(pixels=display, source_shape=source_shape, photometric=photometric, voi=voi, decode=how)
+
+
+def _decode_reduced(ds: Dataset, max_long_side: int, min_shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """A JPEG 2000 / HTJ2K frame at a coarser resolution level, or (None, "full") to decode in full."""
+    if _transfer_syntax(ds) not in _J2K_SYNTAXES:
+        return None, "full"
+    codestream = _first_fragment(ds)
+    header = j2k.parse_header(codestream)
+    if header is None:
+        return None, "full"
+    level = j2k.choose_level(header, max_long_side, min_shape)
+    if level == 0:
+        return None, "full"
+    if len(list(itertools.islice(generate_fragments(ds.PixelData), 3))) > 2:
+        codestream = b"".join(itertools.islice(generate_fragments(ds.PixelData), 1, None))  # one frame: all
+    stored = j2k.decode_reduced(
+        codestream, level, signed=int(ds.get("PixelRepresentation") or 0) == 1, bits_stored=int(ds.BitsStored),
+        bits_allocated=int(ds.BitsAllocated),
+    )
+    if stored is None:
+        return None, "full"
+    return stored, f"JPEG 2000 resolution level {level} of {header.levels}"
+
+
+def _fit_shape(height: int, width: int, max_long_side: int) -> tuple[int, int]:
+    """(height, width) with the long side scaled to ``max_long_side``, aspect kept to the nearest pixel."""
+    scale = max_long_side / max(height, width)
+    new_height = max_long_side if height >= width else max(1, round(height * scale))
+    new_width = max_long_side if width > height else max(1, round(width * scale))
+    return new_height, new_width
+
+
+def _target_shape(ds: Dataset, max_long_side: int) -> tuple[int, int]:
+    """The source size capped at ``max_long_side``: the same whatever the transfer syntax or decode level."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    return (rows, columns) if max(rows, columns) <= max_long_side else _fit_shape(rows, columns, max_long_side)
+
+
+def _resize_stored(stored: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Stored values resized to ``shape``, rounded back to their dtype: area-averaged when reducing; bilinear
+    when a JPEG 2000 level came out slightly smaller than the target (at most sqrt(2), see choose_level)."""
+    if stored.shape == shape:
+        return stored
+    shrink = stored.shape[0] >= shape[0] and stored.shape[1] >= shape[1]
+    native = stored.dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+    resized = cv2.resize(stored if native else stored.astype(np.float64), (shape[1], shape[0]),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return resized if native else np.rint(resized).astype(stored.dtype)
 
 
 def window_to_display(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -235,12 +305,9 @@ def fit_long_side(display: np.ndarray, max_long_side: int) -> np.ndarray:
     if max_long_side < 1:
         raise ValueError(f"max_long_side must be >= 1, not {max_long_side}")
     height, width = display.shape[:2]
-    long_side = max(height, width)
-    if long_side <= max_long_side:
+    if max(height, width) <= max_long_side:
         return display.copy()
-    scale = max_long_side / long_side
-    new_height = max_long_side if height >= width else max(1, round(height * scale))
-    new_width = max_long_side if width > height else max(1, round(width * scale))
+    new_height, new_width = _fit_shape(height, width, max_long_side)
     return cv2.resize(display, (new_width, new_height), interpolation=cv2.INTER_AREA)
 
 
@@ -248,7 +315,10 @@ def _required_int(ds: Dataset, keyword: str) -> int:
     value = ds.get(keyword)
     if value is None or value == "":
         raise DecodeError(f"the Type 1 attribute {keyword} is missing or empty")
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # several values (VM > 1), or text that is no number
+        raise DecodeError(f"the Type 1 attribute {keyword} is not one integer") from None
 
 
 def _check_size(rows: int, columns: int, max_pixels: int, where: str) -> None:

@@ -2,14 +2,16 @@
 
 The C-STORE handler runs inside the association's thread (pynetdicom), and PACS senders wait only a few seconds
 for the answer (Orthanc: ``DicomScuTimeout`` 10 s), so the handler never renders or infers: it checks the
-header parses, checks free disk, writes the received bytes as they came (no transcoding), records a job and
-answers. Statuses are those of the Storage Service Class, PS3.4 Annex B.2.3, and PS3.7 Annex C.
+header parses and its UIDs are UIDs, checks the queue bound and free disk, writes the received bytes as they
+came (no transcoding), records a job and answers. Statuses are those of the Storage Service Class, PS3.4 Annex
+B.2.3, and PS3.7 Annex C.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import re
 import shutil
 import sqlite3
 import threading
@@ -28,8 +30,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.acceptor import AcceptPolicy, GuardedAssociationServer, start_server, warn_if_open
 from dicom_node.metrics import Metrics
 from dicom_node.settings import NodeSettings
 from dicom_node.store import JobQueue, Spool, uid_hash
@@ -68,6 +70,14 @@ STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     SecondaryCaptureImageStorage,  # 1.2.840.10008.5.1.4.1.1.7 (digitised films arrive as SC)
 )
 
+#: UIDs of the data set that the node copies into its outputs: each must be a UID (see ``_check_uids``).
+_CHECKED_UIDS: tuple[tuple[str, int], ...] = (
+    ("SOPInstanceUID", 0x00080018),
+    ("StudyInstanceUID", 0x0020000D),
+    ("SeriesInstanceUID", 0x0020000E),
+)
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
 #: Eligibility check on the header: ``(eligible, rule, reason)``.
 RulesCheck = Callable[[Dataset], tuple[bool, str | None, str]]
 
@@ -90,6 +100,7 @@ STORE_STATUS_COMMENT: dict[StoreStatus, str] = {
     StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS: "SOP Class UID in data set differs from request",
     StoreStatus.ERROR_CANNOT_UNDERSTAND: "Cannot understand: data set could not be parsed",
 }
+QUEUE_FULL_COMMENT = "Out of resources: job queue full, retry later"
 
 
 @dataclass(frozen=True)
@@ -99,27 +110,58 @@ class _StoreDeps:
     rules_check: RulesCheck | None
     free_disk_floor_bytes: int
     metrics: Metrics | None
+    # Pending jobs above which C-STORE answers 0xA700 before spooling. Checked, then spooled, without a lock:
+    # concurrent associations can overshoot it by at most one instance each.
+    max_queued_jobs: int | None = None
 
 
-def _answer(status: StoreStatus, deps: _StoreDeps, started: float) -> Dataset:
+def _answer(status: StoreStatus, deps: _StoreDeps, started: float, comment: str | None = None) -> Dataset:
+    """The C-STORE response; ``comment`` replaces the status's default Error Comment (LO: at most 64 chars)."""
     rsp = Dataset()
     rsp.Status = int(status)
-    if comment := STORE_STATUS_COMMENT[status]:
-        rsp.ErrorComment = comment
+    if comment := (comment or STORE_STATUS_COMMENT[status]):
+        rsp.ErrorComment = comment[:64]
     if deps.metrics is not None:
         deps.metrics.cstore_status.labels(status=f"0x{int(status):04X}").inc()
         deps.metrics.cstore_seconds.observe(time.perf_counter() - started)
     return rsp
 
 
-def _parse_header(event: Event) -> Dataset:
-    """Decode the received data set fully (pydicom defers parsing); raises on anything malformed."""
+def _is_uid(value: str) -> bool:
+    # PS3.5 9.1: digit components separated by dots, at most 64 characters. Leading zeros in a component are
+    # tolerated (some modalities write them, and such a value is copied as it came); nothing else is: the value
+    # goes into the Secondary Capture, the ORU and the spool's file meta.
+    return 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+def _invalid_uid(event: Event, ds: Dataset) -> str | None:
+    """The Error Comment naming the first of the request's and the data set's instance, study and series UIDs
+    that is missing or not a UID, else None. Reads the raw bytes, before pydicom converts them (and, for an
+    invalid value, warns and logs it)."""
+    if not _is_uid(str(event.request.AffectedSOPInstanceUID or "")):
+        return "Missing or invalid UID: AffectedSOPInstanceUID"
+    for keyword, tag in _CHECKED_UIDS:
+        elem = ds.get_item(tag)
+        value = None if elem is None else elem.value
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+        if not _is_uid(text.rstrip("\0 ")):
+            return f"Missing or invalid UID: {keyword}"
+    return None
+
+
+def _parse_header(event: Event) -> tuple[Dataset, str | None]:
+    """Decode the received data set fully (pydicom defers parsing); raises on anything malformed.
+
+    Also returns :func:`_invalid_uid`'s verdict: a UID that could reach a file name or an output as a path
+    (``../``), or make the Secondary Capture invalid, is refused with 0xC210 and a comment naming it.
+    """
     ds = event.dataset
+    invalid_uid = _invalid_uid(event, ds)
     for _ in ds.iterall():
         pass
-    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-        raise ValueError("SOP Class UID or SOP Instance UID missing")
-    return ds
+    if "SOPClassUID" not in ds:
+        raise ValueError("SOP Class UID missing")
+    return ds, invalid_uid
 
 
 def handle_store(event: Event, deps: _StoreDeps) -> Dataset:
@@ -134,17 +176,23 @@ def handle_store(event: Event, deps: _StoreDeps) -> Dataset:
         return _answer(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, deps, started)
 
     try:
-        ds = _parse_header(event)
+        ds, invalid_uid = _parse_header(event)
     except Exception as exc:  # noqa: BLE001 (any decoder failure is "cannot understand", answered, not raised)
         LOG.warning("C-STORE from %s: data set not parseable (%s)", calling_ae, type(exc).__name__)
         return _answer(StoreStatus.ERROR_CANNOT_UNDERSTAND, deps, started)
     if str(ds.SOPClassUID) != sop_class:
         LOG.warning("C-STORE from %s: SOP Class UID in data set differs from the request", calling_ae)
         return _answer(StoreStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, deps, started)
+    if invalid_uid is not None:
+        LOG.warning("C-STORE from %s: refused, %s", calling_ae, invalid_uid)
+        return _answer(StoreStatus.ERROR_CANNOT_UNDERSTAND, deps, started, invalid_uid)
     instance = uid_hash(str(ds.SOPInstanceUID))
 
     data = event.encoded_dataset(include_meta=True)  # as received: no decode/re-encode
     try:
+        if deps.max_queued_jobs is not None and (pending := deps.queue.pending_count()) >= deps.max_queued_jobs:
+            LOG.warning("C-STORE from %s: refused, %d jobs pending (node.max_queued_jobs)", calling_ae, pending)
+            return _answer(StoreStatus.REFUSED_OUT_OF_RESOURCES, deps, started, QUEUE_FULL_COMMENT)
         free = shutil.disk_usage(deps.spool.dir).free
         if free - len(data) < deps.free_disk_floor_bytes:
             LOG.error(
@@ -208,18 +256,29 @@ class StorageSCP:
         require_called_aet: bool = True,
     ) -> None:
         self.settings = settings
-        self._deps = _StoreDeps(spool, queue, rules_check, settings.free_disk_floor_mb * 1024 * 1024, metrics)
+        self._deps = _StoreDeps(spool, queue, rules_check, settings.free_disk_floor_mb * 1024 * 1024, metrics,
+                                settings.max_queued_jobs)
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_associations = settings.max_associations
         ae.maximum_pdu_size = settings.max_pdu
-        # Peers must call us by our AE title (a string match only: pair it with a network allowlist).
+        # Peers must call us by our AE title, and call from an allowed one (string matches only: pair them with
+        # node.allowed_networks). A refused calling AE title gets A-ASSOCIATE-RJ (1, 1, 3); see acceptor.py.
         ae.require_called_aet = require_called_aet
+        ae.require_calling_aet = list(settings.allowed_calling_aets)
         ae.add_supported_context(Verification)
         syntaxes = [UID(ts) for ts in transfer_syntaxes]
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
         self._ae = ae
-        self._server: ThreadedAssociationServer | None = None
+        self._policy = AcceptPolicy(
+            name=f"Storage SCP {settings.ae_title}",
+            allowed_networks=settings.allowed_networks,
+            tls_context=settings.tls.context() if settings.tls.enabled else None,
+            handshake_timeout_s=settings.tls.handshake_timeout_s,
+            max_associate_rq_bytes=settings.max_associate_rq_bytes,
+            metrics=metrics,
+        )
+        self._server: GuardedAssociationServer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -232,6 +291,12 @@ class StorageSCP:
     def running(self) -> bool:
         return self._server is not None
 
+    @property
+    def active_associations(self) -> int:
+        """Associations open now, including ones still negotiating (each holds a ``max_associations`` slot)."""
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
+
     def start(self) -> None:
         with self._lock:
             if self._server is not None:
@@ -240,10 +305,10 @@ class StorageSCP:
                 (evt.EVT_C_STORE, handle_store, [self._deps]),
                 (evt.EVT_C_ECHO, handle_echo),
             ]
-            self._server = self._ae.start_server(
-                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
-            )
-        LOG.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+            self._server = start_server(self._ae, (self.settings.host, self.settings.port), self._policy, handlers)
+        warn_if_open(self._policy.name, self.settings.allowed_calling_aets, self.settings.allowed_networks)
+        LOG.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, self.settings.host, self.port,
+                 " (TLS)" if self._policy.tls_context is not None else "")
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting associations, let open ones finish for up to ``grace_s``, then abort the rest."""

@@ -4,12 +4,16 @@ Every SC is stored in the outbox (channel ``dicom``, destination ``AE@host:port`
 stays there until the destination accepts it. What each C-STORE status (PS3.4 Table B.2-1, PS3.7 Annex C) and
 each association outcome (PS3.8 9.3.4 A-ASSOCIATE-RJ) means for an item is decided by the two tables below:
 done, retry with exponential backoff, or park with the reason (shown by ``cxr-lens status``).
+
+A destination with ``tls.enabled`` is reached over TLS (PS3.15 B.9): the PACS certificate is verified against
+``tls.ca_file`` and, for mutual TLS, ours is presented. A TLS failure is a connection failure (retried).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -140,6 +144,10 @@ class DicomSender:
         self.max_pdu = max_pdu
         self.metrics = metrics
         self._poll_s = poll_s
+        # Built once: the files were checked when the settings loaded.
+        self._tls: dict[str, ssl.SSLContext] = {
+            destination_key(d): d.tls.context() for d in self.destinations if d.tls.enabled
+        }
         self._wake = threading.Event()
 
     def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str) -> list[int]:
@@ -248,13 +256,18 @@ class DicomSender:
         ae.acse_timeout = self.timeout_s
         ae.dimse_timeout = self.timeout_s
         ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s  # bounds the TCP connect and, with TLS, the handshake
         # The SC's own transfer syntax in a context of its own, so an acceptor that takes it cannot pick another
         # one; an uncompressed SC may fall back to the other uncompressed syntaxes (pynetdicom re-encodes).
         ae.add_requested_context(sop_class, [transfer_syntax])
         if not transfer_syntax.is_compressed:
             fallback = [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != transfer_syntax]
             ae.add_requested_context(sop_class, fallback)
-        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu)
+        tls = self._tls.get(destination_key(dest))
+        return ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu,
+            tls_args=(tls, dest.host) if tls is not None else None,
+        )
 
     def _settle(self, item: OutboxItem, key: str, disposition: Disposition, detail: str) -> None:
         ref = uid_hash(item.dedup_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -17,7 +18,14 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_node.errors import CxrLensError
 from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, NODE_MANUFACTURER, NODE_MODEL_NAME, InferenceResult
+
+# highdicom warns about person names in the *source* header (e.g. a single-component referring physician); we
+# copy them unchanged, as the Patient and Study modules require. A filter set once here, not catch_warnings per
+# call: that swaps the filters of the whole process and races with other threads (pyproject repeats it for
+# pytest, which installs its own filters).
+warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 OVERLAY_SERIES_NUMBER = 9901
@@ -38,11 +46,45 @@ def overlay_uids(source: Dataset, result: InferenceResult) -> tuple[str, str]:
     return series_uid, sop_uid
 
 
+class SecondaryCaptureError(CxrLensError):
+    """The source's header cannot make a valid Secondary Capture (an attribute the SC copies is invalid)."""
+
+
 def series_description(result: InferenceResult) -> str:
     text = f"AI {result.method} overlay - {result.model_id} {result.model_version}"
     if result.is_demo:
         text += " DEMO"
     return text[:64]  # LO: at most 64 characters
+
+
+def _instance_number(source: Dataset) -> int:
+    """The source's Instance Number, or 1 when it has none or an invalid one (pydicom keeps an invalid IS as text)."""
+    try:
+        return int(source.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _sc_image(
+    source: Dataset, overlay_rgb: np.ndarray, series_uid: str, sop_uid: str, orientation: Any
+) -> hd.sc.SCImage:
+    """highdicom's SC of the overlay, with Patient and Study copied from ``source``."""
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=overlay_rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=_instance_number(source),
+        manufacturer=NODE_MANUFACTURER,
+        # highdicom insists on an orientation for PATIENT; the attribute is Type 2 in the General Image
+        # module, so when the source has none we write it empty below rather than invent one.
+        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
 
 
 def build_secondary_capture(source: Dataset, overlay_rgb: np.ndarray, result: InferenceResult) -> Dataset:
@@ -51,26 +93,11 @@ def build_secondary_capture(source: Dataset, overlay_rgb: np.ndarray, result: In
         raise ValueError("overlay_rgb must be an HxWx3 uint8 array")
     series_uid, sop_uid = overlay_uids(source, result)
     orientation = source.get("PatientOrientation")
-    with warnings.catch_warnings():
-        # highdicom warns about person names in the *source* header (e.g. a single-component referring
-        # physician); we copy them unchanged, as the Patient and Study modules require.
-        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=overlay_rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=OVERLAY_SERIES_NUMBER,
-            sop_instance_uid=sop_uid,
-            instance_number=int(source.get("InstanceNumber") or 1),
-            manufacturer=NODE_MANUFACTURER,
-            # highdicom insists on an orientation for PATIENT; the attribute is Type 2 in the General Image
-            # module, so when the source has none we write it empty below rather than invent one.
-            patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-        )
+    try:
+        sc = _sc_image(source, overlay_rgb, series_uid, sop_uid, orientation)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # highdicom's and pydicom's messages quote the offending value, which may be patient data: type only.
+        raise SecondaryCaptureError(f"the source header cannot be copied into an SC ({type(exc).__name__})") from exc
     if not (orientation and len(orientation) == 2):
         sc.PatientOrientation = ""
     sc.ImageType = ["DERIVED", "SECONDARY"]

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +33,7 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
+from dicom_node.tls import TLSFileError, client_context, server_context
 
 DEMO_MODEL = "builtin:demo"
 ENV_PREFIX = "CXR_LENS_"
@@ -75,12 +86,69 @@ class ExplainSettings(_Section):
 
 class PixelSettings(_Section):
     max_pixels: int = Field(64_000_000, ge=1)
-    overlay_max_long_side: int = Field(2048, ge=64, le=8192)
+    overlay_max_long_side: int = Field(512, ge=64, le=8192)
+    reduced_decode: bool = True
 
 
 class WorkerSettings(_Section):
     batch_size: int = Field(16, ge=1, le=256)
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
+    decode_threads: int = Field(2, ge=1, le=64)
+    output_threads: int = Field(2, ge=1, le=64)
+
+
+class ServerTLSSettings(_Section):
+    """TLS for a listening port; ``enabled`` needs ``cert_file`` and ``key_file`` (PEM)."""
+
+    enabled: bool = False
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    ca_file: FilePath | None = None  # client certificates are verified against it when presented
+    require_client_cert: bool = False  # mutual TLS: refuse clients without a certificate from ca_file
+    handshake_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _files(self) -> ServerTLSSettings:
+        if self.enabled:
+            if self.cert_file is None or self.key_file is None:
+                raise ValueError("cert_file and key_file are required when enabled")
+            try:
+                self.context()
+            except TLSFileError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        if self.cert_file is None or self.key_file is None:
+            raise TLSFileError("cert_file", "", "not set")
+        return server_context(
+            self.cert_file, self.key_file, ca_file=self.ca_file, require_client_cert=self.require_client_cert
+        )
+
+
+class ClientTLSSettings(_Section):
+    """TLS for a connection we open: the server is verified against ``ca_file`` (unset: the system's CAs)."""
+
+    enabled: bool = False
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None  # client certificate, for servers that require mutual TLS
+    key_file: FilePath | None = None
+    check_hostname: bool = True  # the server's certificate must name the configured host (DNS name or IP)
+
+    @model_validator(mode="after")
+    def _files(self) -> ClientTLSSettings:
+        if self.enabled:
+            try:
+                self.context()
+            except TLSFileError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(
+            ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
+            check_hostname=self.check_hostname,
+        )
 
 
 class NodeSettings(_Section):
@@ -91,14 +159,26 @@ class NodeSettings(_Section):
     max_pdu: int = Field(1_048_576, ge=0)
     max_associations: int = Field(10, ge=1)
     free_disk_floor_mb: int = Field(512, ge=0)
+    max_queued_jobs: int = Field(1000, ge=1)  # pending jobs; a C-STORE beyond them answers 0xA700
     http_port: int = Field(8080, ge=0, le=65535)
     retry_initial_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    # Access control at association: empty = anyone (the SCP logs a warning at start).
+    allowed_calling_aets: tuple[str, ...] = ()
+    allowed_networks: tuple[IPvAnyNetwork, ...] = ()
+    # Largest A-ASSOCIATE-RQ (or other non-data PDU) read; a longer one is aborted unread (P-DATA: max_pdu).
+    max_associate_rq_bytes: int = Field(262_144, ge=1024)
+    tls: ServerTLSSettings = ServerTLSSettings()
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _calling_aets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(ae) for ae in v)
 
     @field_validator("host")
     @classmethod
@@ -111,6 +191,7 @@ class DestinationSettings(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: ClientTLSSettings = ClientTLSSettings()
 
     @field_validator("ae_title")
     @classmethod
@@ -137,6 +218,7 @@ class HL7Settings(_Section):
     ack_timeout_s: float = Field(15.0, gt=0)
     retry_initial_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
+    tls: ClientTLSSettings = ClientTLSSettings()
 
 
 class Settings(BaseSettings):

@@ -209,6 +209,11 @@ class JobQueue:
     def _has_pending(self) -> bool:
         return self._db.execute("SELECT 1 FROM jobs WHERE state='pending' LIMIT 1").fetchone() is not None
 
+    def pending_count(self) -> int:
+        """How many jobs wait for the worker (the C-STORE handler's bound on the queue)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='pending'").fetchone()[0])
+
     def claim_batch(self, max_n: int) -> list[Job]:
         """Move up to ``max_n`` oldest pending jobs to processing and return them."""
         now = time.time()

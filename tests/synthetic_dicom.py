@@ -17,6 +17,7 @@ import copy
 import datetime
 import importlib.util
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -345,3 +346,78 @@ def _ds_str(value: float) -> str:
     if len(text) > 16:
         raise ValueError(f"{value} does not fit a DS value")
     return text
+
+
+# --- Malformed instances, written byte by byte -----------------------------------------------------------------
+# pydicom validates what it writes (conftest raises on invalid values), so a hostile instance is assembled from
+# raw Explicit VR Little Endian elements (PS3.5 7.1.2) around the elements pydicom encodes for the valid rest.
+
+_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_DELIMITER = 0xFFFEE00D
+SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+
+def raw_element(tag: int, vr: str, value: bytes, *, length: int | None = None) -> bytes:
+    """One Explicit VR Little Endian data element as given: no validation. An odd ``value`` is padded (NUL for
+    UI and binary VRs, space for text); ``length`` overrides the length field (e.g. to lie about the value)."""
+    if len(value) % 2:
+        value += b"\x00" if vr in ("UI", "OB", "UN") else b" "
+    size = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+    if vr in _LONG_LENGTH_VRS:
+        return head + b"\x00\x00" + struct.pack("<I", size) + value
+    return head + struct.pack("<H", size) + value
+
+
+def _delimiter(tag: int, length: int = 0) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, length)
+
+
+def nested_sequences(depth: int, tag: int = 0x0040A730) -> bytes:
+    """``depth`` undefined-length sequences, each in the one item of its parent (REFERENCE.md: pydicom cannot
+    write this in reasonable memory, and reading it recurses once per level)."""
+    head = (struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\x00\x00" + struct.pack("<I", UNDEFINED_LENGTH)
+            + _delimiter(ITEM, UNDEFINED_LENGTH))
+    tail = _delimiter(ITEM_DELIMITER) + _delimiter(SEQUENCE_DELIMITER)
+    return head * depth + tail * depth
+
+
+def encode_dataset(ds: Dataset, replace: dict[int, bytes | None] | None = None) -> bytes:
+    """``ds`` (no file meta) as Explicit VR Little Endian bytes, element by element in tag order.
+
+    ``replace`` maps a tag to the raw bytes written in its place (see :func:`raw_element`), to ``None`` to drop
+    it, or adds a tag ``ds`` lacks. The file meta of ``ds`` is ignored: see :func:`part10`.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    chunks: dict[int, bytes] = {}
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, ds.get("SpecificCharacterSet") or "iso8859")
+        chunks[int(elem.tag)] = fp.getvalue()
+    for tag, raw in (replace or {}).items():
+        if raw is None:
+            chunks.pop(tag, None)
+        else:
+            chunks[tag] = raw
+    return b"".join(chunks[tag] for tag in sorted(chunks))
+
+
+def part10(data_set: bytes, *, sop_class_uid: str, sop_instance_uid: str,
+           transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A DICOM Part 10 file (PS3.10 7.1) around encoded data set bytes. The file meta is written by hand, so
+    any UID string goes through; pynetdicom sends such a file as it is, taking the C-STORE request's UIDs from
+    the file meta (``STORE_SEND_CHUNKED_DATASET``)."""
+    meta = b"".join((
+        raw_element(0x00020001, "OB", b"\x00\x01"),
+        raw_element(0x00020002, "UI", sop_class_uid.encode("ascii", "replace")),
+        raw_element(0x00020003, "UI", sop_instance_uid.encode("ascii", "replace")),
+        raw_element(0x00020010, "UI", str(transfer_syntax).encode("ascii")),
+        raw_element(0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID.encode("ascii")),
+    ))
+    group_length = raw_element(0x00020000, "UL", struct.pack("<I", len(meta)))
+    return b"\x00" * 128 + b"DICM" + group_length + meta + data_set

@@ -70,10 +70,12 @@ def test_three_transfer_syntaxes_give_alike_overlays_with_dark_lungs(explained: 
     _, out = explained
     grays = [_gray(out / Path(n).stem / "overlay.png") for n in RG1]
     assert grays[0].shape == grays[1].shape == grays[2].shape
-    assert grays[0].shape[1] == 1841 and grays[0].shape[0] > 1955  # the source size, plus the legend band
-    assert np.abs(grays[0] - grays[1]).mean() < 0.5  # lossless: the same image
-    assert np.abs(grays[0] - grays[2]).mean() < 3.0  # lossy J2K: alike
-    picture = grays[0][:1955]
+    # The source (1955x1841) capped at overlay_max_long_side 512, plus the legend band, whatever the syntax.
+    assert grays[0].shape[1] == 482 and grays[0].shape[0] > 512
+    # UNCR is reduced from the full image, J2KR/J2KI decoded at resolution level 2 (a wavelet low-pass).
+    assert np.abs(grays[0] - grays[1]).mean() < 3.0
+    assert np.abs(grays[0] - grays[2]).mean() < 3.0
+    picture = grays[0][:512]
     h, w = picture.shape
     mediastinum = picture[h // 4: 3 * h // 5, int(0.45 * w): int(0.55 * w)].mean()
     lungs = [picture[h // 4: h // 2, int(0.15 * w): int(0.3 * w)].mean(),

@@ -195,6 +195,9 @@ def send_message(
 ) -> Ack:
     """Send one message on a fresh connection and wait for its ACK; ``timeout_s`` bounds the whole exchange.
 
+    With ``ssl_context`` (see :func:`dicom_node.tls.client_context`) the message goes over TLS; the receiver's
+    certificate is checked against ``host``. A TLS failure is ``CONNECTION_FAILED``.
+
     Returns the :class:`Ack` (whatever its code). Raises :class:`MLLPError` (outcome ``TIMEOUT``,
     ``CONNECTION_FAILED`` or ``MALFORMED_ACK``) when there is no usable ACK, including one that acknowledges a
     different MSH-10.

@@ -26,7 +26,10 @@ SendFunction = Callable[..., Ack]
 
 
 class HL7Sender:
-    """Sends the ``hl7`` items of one destination (``settings.host:settings.port``) from an :class:`Outbox`."""
+    """Sends the ``hl7`` items of one destination (``settings.host:settings.port``) from an :class:`Outbox`.
+
+    Over TLS when ``settings.tls.enabled`` (or when ``ssl_context`` is given, which takes precedence).
+    """
 
     def __init__(
         self,
@@ -38,7 +41,9 @@ class HL7Sender:
     ) -> None:
         self.outbox = outbox
         self.settings = settings
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context if ssl_context is not None else (
+            settings.tls.context() if settings.tls.enabled else None
+        )
         self._send = send
 
     @property

@@ -1,6 +1,7 @@
 """A small MLLP receiver for demos and tests (``cxr-lens hl7-sink``): stores every message, answers one ACK code.
 
-Not a production interface engine: one thread per connection, no deduplication, no TLS.
+Not a production interface engine: one thread per connection, no deduplication. With an ``ssl_context`` it
+speaks MLLP over TLS; the handshake runs in the connection's thread with a timeout, never in the accept loop.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 import re
 import socket
 import socketserver
+import ssl
 import threading
 from pathlib import Path
 from typing import Literal
@@ -30,6 +32,29 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         conn: socket.socket = self.request
+        context = self.server.sink.ssl_context
+        if context is None:
+            self._serve(conn)
+            return
+        peer = str(self.client_address[0])
+        try:
+            tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:  # ssl.SSLError included
+            log.warning("hl7-sink: %s: connection lost before TLS (%s)", peer, type(exc).__name__)
+            return
+        with tls:
+            try:
+                tls.settimeout(self.server.sink.handshake_timeout_s)
+                tls.do_handshake()
+            except ssl.SSLError as exc:
+                log.warning("hl7-sink: %s: TLS handshake failed (%s)", peer, exc.reason or type(exc).__name__)
+                return
+            except OSError as exc:  # TimeoutError included
+                log.warning("hl7-sink: %s: no TLS handshake (%s)", peer, type(exc).__name__)
+                return
+            self._serve(tls)
+
+    def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(_POLL_S)
         buffer = bytearray()
         while not self.server.stopping.is_set():
@@ -70,13 +95,24 @@ class HL7Sink:
     answered with ``mode``: ``AA`` accept, ``AE`` application error, ``AR`` reject; MSA-2 echoes MSH-10.
     """
 
-    def __init__(self, host: str, port: int, out_dir: Path | str, mode: SinkMode = "AA") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        out_dir: Path | str,
+        mode: SinkMode = "AA",
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
+    ) -> None:
         if mode not in SINK_MODES:
             raise ValueError(f"mode must be one of {', '.join(SINK_MODES)}")
         self.host = host
         self.out_dir = Path(out_dir)
         self.mode: SinkMode = mode
         self.port = port
+        self.ssl_context = ssl_context
+        self.handshake_timeout_s = handshake_timeout_s
         self._lock = threading.Lock()
         self._count = 0
         self._server: _Server | None = None
@@ -90,7 +126,8 @@ class HL7Sink:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, args=(_POLL_S,), name="hl7-sink", daemon=True)
         self._thread.start()
-        log.info("hl7-sink listening on %s:%d, answering %s, storing in %s", self.host, self.port, self.mode, self.out_dir)
+        log.info("hl7-sink listening on %s:%d%s, answering %s, storing in %s", self.host, self.port,
+                 " (TLS)" if self.ssl_context is not None else "", self.mode, self.out_dir)
 
     def stop(self) -> None:
         """Stop accepting, close connections and wait for their threads."""
