@@ -236,6 +236,26 @@ def test_demo_every_method_matches_its_definition(demo: Demo, demo_images: np.nd
     np.testing.assert_allclose(result.probabilities, network.predict(demo_images, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam-guided", "gradcam++"])
+def test_demo_single_image_matches_its_definition(demo: Demo, demo_images: np.ndarray, method: str) -> None:
+    """Batch 1 contracts per-channel weights with a plain matmul instead of einsum: same maps."""
+    network = demo.network
+    single = demo_images[1:2]
+    result = explain.explain(demo.model, single, method=method)
+    a, g, _ = reference_activations_and_gradients(
+        keras, network, network.get_layer(result.target_layer), single, result.class_index
+    )
+    assert_maps_close(result.heatmaps, reference_cam(method, a, g))
+    num_classes = network.outputs[0].shape[-1]
+    other_class = int(result.class_index[0] + 1) % num_classes
+    other = explain.explain(demo.model, single, method=method, class_index=other_class)
+    np.testing.assert_array_equal(other.class_index, [other_class])
+    a, g, _ = reference_activations_and_gradients(
+        keras, network, network.get_layer(result.target_layer), single, other.class_index
+    )
+    np.testing.assert_allclose(other.heatmaps, reference_cam(method, a, g), rtol=REL, atol=REL * result.heatmaps.max())
+
+
 def test_methods_registry_names() -> None:
     assert set(explain.METHODS) == {"gradcam", "gradcam-guided", "gradcam++", "hirescam", "layercam"}
 
