@@ -5,6 +5,11 @@ records the target feature maps ``A`` and the pre-softmax logits (see :mod:`expl
 ``G = d y^c / d A`` inside the same graph. Each method overrides only :meth:`BaseCAM.weights`; the map is
 ``ReLU(sum_k W_k * A_k)`` (Selvaraju et al. 2017, eq. 2, with ``W`` broadcastable to ``A``).
 
+A method whose weights depend on ``G`` only through its spatial sum ``S_k = sum_ij G_ijk`` (Grad-CAM's eq. 1)
+also defines :meth:`BaseCAM.weights_from_sums`. When ``A`` feeds only a global average or max pooling ``p``,
+``S = d y^c / d p`` exactly, and the pass takes that gradient instead, skipping the pooling's backward pass
+(for the demo CNN's 32x32 map, most of the cost of the explanation over the bare forward pass).
+
 The pass is traced once per batch-size bucket (powers of two up to :data:`MAX_BUCKET`): a batch is padded up
 to its bucket and the results sliced, so a worker that sees batches of 1..16 compiles at most five graphs.
 """
@@ -17,13 +22,14 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
 
-from explain.layers import AUTO, Head, HeadKind, capture, find_head, find_target_layer
+from explain.layers import AUTO, Head, HeadKind, capture, find_global_pooling, find_head, find_target_layer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,13 @@ class Explanation:
     target_layer: str
 
 
+class GradientSource(Enum):
+    """Which gradient a traced pass took."""
+
+    FEATURE_MAPS = "feature_maps"  # G = dy/dA, element-wise
+    POOLED = "pooled"  # dy/dp of the global pooling fed only by A: the spatial sums of G
+
+
 def _bucket(batch_size: int) -> int:
     return min(MAX_BUCKET, 1 << (batch_size - 1).bit_length())
 
@@ -59,6 +72,8 @@ class BaseCAM:
     """
 
     name: ClassVar[str] = ""
+    # True for methods that define weights_from_sums: their weights need only sum_ij G_ijk.
+    uses_gradient_sums: ClassVar[bool] = False
 
     def __init__(self, network: Any, target_layer: str | None = None) -> None:
         target = find_target_layer(network, target_layer)
@@ -68,14 +83,22 @@ class BaseCAM:
         self._concrete: dict[tuple[int, ...], tuple[Any, tf.Tensor]] = {}
         self._lock = threading.Lock()
         self.trace_count = 0
+        # Set by each trace: whether the pass read the weights from the pooled gradient (the same for all buckets).
+        self.gradient_source: GradientSource | None = None
 
     def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
         """Per-channel (or per-element) weights ``W`` for ``A`` (B, h, w, k), given ``G = dy^c/dA``."""
         raise NotImplementedError
 
-    def combine(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+    def weights_from_sums(self, gradient_sums: tf.Tensor, area: tf.Tensor) -> tf.Tensor:
+        """Per-channel weights (B, 1, 1, k) from ``S_k = sum_ij G_ijk`` (B, k) and ``Z = h * w``.
+
+        Only for methods with ``uses_gradient_sums``; must equal :meth:`weights` for the same ``G``.
+        """
+        raise NotImplementedError
+
+    def combine(self, activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """Eq. 2: ``ReLU(sum_k W_k A_k)`` -> (B, h, w)."""
-        weights = self.weights(activations, gradients)
         if weights.shape[1] == 1 and weights.shape[2] == 1:  # per-channel weights: one contraction over k
             if activations.shape[0] == 1:
                 # One image: a plain (h*w, k) x (k, 1) matmul. oneDNN's batched matmul (what einsum becomes)
@@ -98,10 +121,15 @@ class BaseCAM:
         network = self._network_or_raise()
         target = find_target_layer(network, self.target_layer)
         head: Head = find_head(network)
+        pooling = find_global_pooling(network, target) if self.uses_gradient_sums else None
         # Only A is watched (in the capture hook): the backbone before A is not recorded, so the graph holds
-        # no backward ops for it — just the head's, from y^c back to A.
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with capture(target, head, tape) as captured:
+        # no backward ops for it — just the head's, from y^c back to A. The pooled output p is watched on a tape
+        # of its own, so that the gradient taken there does not also go back through the pooling to A.
+        with (
+            tf.GradientTape(watch_accessed_variables=False) as tape,
+            tf.GradientTape(watch_accessed_variables=False) as pooled_tape,
+        ):
+            with capture(target, head, tape, pooling, None if pooling is None else pooled_tape) as captured:
                 probabilities = network(images, training=False)
             if captured.activations is None:
                 raise RuntimeError(f"target layer {self.target_layer!r} was not called by the network")
@@ -113,13 +141,31 @@ class BaseCAM:
             # Images are independent (training=False), so d(sum_b y_b)/dA_b = dy_b/dA_b.
             one_hot = tf.one_hot(chosen, tf.shape(logits)[-1], dtype=logits.dtype)
             score = tf.reduce_sum(logits * one_hot)
-        gradients = tape.gradient(score, captured.activations)
-        if gradients is None:
-            raise ValueError(f"the class score does not depend on target layer {self.target_layer!r}")
         activations = tf.cast(captured.activations, tf.float32)
-        gradients = tf.cast(gradients, tf.float32)
-        heatmaps = self.combine(activations, gradients)
+        if pooling is not None and captured.pooled is not None:
+            self.gradient_source = GradientSource.POOLED
+            logger.debug(
+                "%s on %s: weights from the gradient of the global %s pooling %r",
+                self.name,
+                self.target_layer,
+                pooling.reduction,
+                pooling.layer.name,
+            )
+            weights = self.weights_from_sums(
+                tf.cast(self._gradient(pooled_tape, score, captured.pooled), tf.float32), _area(activations)
+            )
+        else:
+            self.gradient_source = GradientSource.FEATURE_MAPS
+            gradients = tf.cast(self._gradient(tape, score, captured.activations), tf.float32)
+            weights = self.weights(activations, gradients)
+        heatmaps = self.combine(activations, weights)
         return tf.cast(probabilities, tf.float32), chosen, heatmaps
+
+    def _gradient(self, tape: tf.GradientTape, score: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
+        gradient = tape.gradient(score, source)
+        if gradient is None:
+            raise ValueError(f"the class score does not depend on target layer {self.target_layer!r}")
+        return gradient
 
     def _compiled(self, shape: tuple[int, ...]) -> tuple[Any, tf.Tensor]:
         """The concrete pass for a padded input shape, and its "explain the predicted class" index tensor.
@@ -184,13 +230,26 @@ def _spatial_mean(tensor: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tensor, axis=(1, 2), keepdims=True)
 
 
+def _area(feature_maps: tf.Tensor) -> tf.Tensor:
+    """``Z = h * w`` of (B, h, w, k) maps, as float32 (static when the shape is known)."""
+    height, width = feature_maps.shape[1], feature_maps.shape[2]
+    if height is not None and width is not None:
+        return tf.constant(float(height * width), tf.float32)
+    shape = tf.shape(feature_maps)
+    return tf.cast(shape[1] * shape[2], tf.float32)
+
+
 class GradCAM(BaseCAM):
-    """Selvaraju et al. 2017, eq. 1: ``alpha_k = mean_ij dy^c/dA^k_ij`` (y^c before the softmax)."""
+    """Selvaraju et al. 2017, eq. 1: ``alpha_k = (1/Z) sum_ij dy^c/dA^k_ij`` (y^c before the softmax)."""
 
     name = "gradcam"
+    uses_gradient_sums = True
 
     def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
         return _spatial_mean(gradients)
+
+    def weights_from_sums(self, gradient_sums: tf.Tensor, area: tf.Tensor) -> tf.Tensor:
+        return (gradient_sums / area)[:, tf.newaxis, tf.newaxis, :]
 
 
 class GuidedGradCAM(BaseCAM):

@@ -3,6 +3,7 @@ method's own definition), on the seed InceptionV3, the demo CNN (Keras 3 and tf_
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -14,7 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import explain
-from explain.cam import MAX_BUCKET, explainer_for
+from explain.cam import MAX_BUCKET, GradCAM, GradientSource, explainer_for
 from models.architectures import build_demo_cnn, build_seed_inception
 
 pytestmark = pytest.mark.tf
@@ -375,6 +376,7 @@ def test_tf_keras_demo_cnn() -> None:
     result = explain.explain(network, x)
 
     assert result.target_layer == "last_conv"
+    assert explainer_for(network).gradient_source is GradientSource.POOLED
     np.testing.assert_allclose(result.probabilities, before, rtol=1e-5, atol=1e-6)
     a, g, _ = reference_activations_and_gradients(
         tf_keras, network, network.get_layer("last_conv"), x, result.class_index
@@ -408,3 +410,160 @@ def test_mixed_precision_model_gives_float32_maps_close_to_float32(demo_images: 
     scale = full.heatmaps.max()
     assert scale > 0
     np.testing.assert_allclose(mixed.heatmaps, full.heatmaps, atol=0.05 * scale)
+
+
+# ------------------------------------------------------------------------------- pooled-gradient shortcut
+class FullGradientGradCAM(GradCAM):
+    """Grad-CAM that always takes G = dy/dA element-wise (the path every other method takes)."""
+
+    uses_gradient_sums = False
+
+
+def ops_shaped_like(graphs: list[Any], shape: tuple[int, ...]) -> Counter[str]:
+    """Op types (with counts) in ``graphs`` that produce a tensor of exactly ``shape``."""
+    return Counter(
+        op.type for graph in graphs for op in graph.get_operations() if any(tuple(t.shape) == shape for t in op.outputs)
+    )
+
+
+def traced_graphs(explainer: Any) -> list[Any]:
+    return [function.graph for function, _ in explainer._concrete.values()]
+
+
+def test_demo_gradcam_takes_the_pooled_gradient_and_skips_the_pooling_backward(
+    demo: Demo, demo_images: np.ndarray
+) -> None:
+    network = demo.network
+    x = demo_images[:2]
+    result = explain.explain(demo.model, x)
+    explainer = explainer_for(network, "gradcam", result.target_layer)
+    assert explainer.gradient_source is GradientSource.POOLED
+    # Ops on tensors shaped like A (2, 32, 32, 64): the pass has none beyond the bare forward's (no Equal,
+    # RealDiv, Mul of the max pooling's gradient); the guided method, which needs G element-wise, has them.
+    shape = (2, *network.get_layer(result.target_layer).output.shape[1:])
+    forward = tf.function(lambda images: network(images, training=False), autograph=False)
+    forward_ops = ops_shaped_like([forward.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph], shape)
+    assert ops_shaped_like(traced_graphs(explainer), shape) <= forward_ops
+    explain.explain(demo.model, x, method="gradcam-guided")
+    guided = explainer_for(network, "gradcam-guided", result.target_layer)
+    assert not ops_shaped_like(traced_graphs(guided), shape) <= forward_ops
+
+
+@pytest.mark.parametrize("method", sorted(set(explain.METHODS) - {"gradcam"}))
+def test_methods_needing_elementwise_gradients_keep_the_full_path(
+    demo: Demo, demo_images: np.ndarray, method: str
+) -> None:
+    result = explain.explain(demo.model, demo_images[:1], method=method)
+    assert explainer_for(demo.network, method, result.target_layer).gradient_source is GradientSource.FEATURE_MAPS
+
+
+def test_seed_inception_keeps_the_full_path(seed_model: Any, seed_images: np.ndarray) -> None:
+    """mixed10 feeds a 4x4 AveragePooling2D and a Flatten, not a global pooling."""
+    explain.explain(seed_model, seed_images[:1])
+    assert explainer_for(seed_model).gradient_source is GradientSource.FEATURE_MAPS
+
+
+def test_demo_shortcut_equals_full_path(demo: Demo, demo_images: np.ndarray) -> None:
+    network = demo.network
+    shortcut = explain.explain(demo.model, demo_images)
+    full_explainer = FullGradientGradCAM(network, shortcut.target_layer)
+    full = full_explainer(demo_images)
+    assert full_explainer.gradient_source is GradientSource.FEATURE_MAPS
+    assert explainer_for(network, "gradcam", shortcut.target_layer).gradient_source is GradientSource.POOLED
+    np.testing.assert_array_equal(shortcut.class_index, full.class_index)
+    np.testing.assert_array_equal(shortcut.probabilities, full.probabilities)
+    assert_maps_close(shortcut.heatmaps, full.heatmaps.astype(np.float64))
+
+
+def pooled_model(k: ModuleType, pooling: str) -> Any:
+    """conv -> [nearest 2x upsampling] -> global pooling -> softmax. The max variant's target is the upsampled
+    map, where every value, hence every channel's maximum, appears in four cells: exact ties by construction."""
+    k.utils.set_random_seed(SEED)
+    inputs = k.Input((12, 12, 2))
+    features = k.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    if pooling == "max":
+        features = k.layers.UpSampling2D(2, name="features")(features)
+        pooled = k.layers.GlobalMaxPooling2D(name="pool")(features)
+    else:
+        features = k.layers.Activation("linear", name="features")(features)
+        pooled = k.layers.GlobalAveragePooling2D(name="pool")(features)
+    outputs = k.layers.Dense(3, activation="softmax", name="predictions")(pooled)
+    return k.Model(inputs, outputs)
+
+
+def piecewise_constant_images(count: int) -> np.ndarray:
+    """Random images whose left half is one constant: equal conv outputs there (more ties, zeros after ReLU)."""
+    x = images(count, (12, 12, 2), seed=SEED + 4)
+    x[:, :, :6, :] = 0.75
+    return x
+
+
+@pytest.mark.parametrize("backend", [keras, tf_keras], ids=["keras3", "tf_keras"])
+@pytest.mark.parametrize("pooling", ["average", "max"])
+def test_global_pooling_shortcut_matches_reference(backend: ModuleType, pooling: str) -> None:
+    model = pooled_model(backend, pooling)
+    x = piecewise_constant_images(4)
+    state = snapshot(model)
+
+    result = explain.explain(model, x)
+
+    assert result.target_layer == "features"
+    assert explainer_for(model).gradient_source is GradientSource.POOLED
+    a, g, _ = reference_activations_and_gradients(backend, model, model.get_layer("features"), x, result.class_index)
+    if pooling == "max":  # the reference gradient is split over tied maxima: the case the shortcut must sum up
+        maxima = a.max(axis=(1, 2), keepdims=True)
+        ties = (a == maxima).sum(axis=(1, 2))
+        assert (ties >= 4).all() and (g != 0).sum(axis=(1, 2)).max() >= 4
+    assert_maps_close(result.heatmaps, reference_cam("gradcam", a, g))
+    for method in ("gradcam-guided", "hirescam"):  # the full path on the same model, for contrast
+        other = explain.explain(model, x, method=method)
+        assert explainer_for(model, method).gradient_source is GradientSource.FEATURE_MAPS
+        assert_maps_close(other.heatmaps, reference_cam(method, a, g))
+    assert snapshot(model) == state
+    np.testing.assert_allclose(model.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [keras, tf_keras], ids=["keras3", "tf_keras"])
+def test_feature_maps_read_beside_the_pooling_keep_the_full_path(backend: ModuleType) -> None:
+    """A second consumer of A (here a max pooling next to the average one) makes the pooled gradient partial."""
+    backend.utils.set_random_seed(SEED)
+    inputs = backend.Input((12, 12, 2))
+    features = backend.layers.Conv2D(6, 3, activation="relu", name="features")(inputs)
+    both = backend.layers.Concatenate()(
+        [backend.layers.GlobalAveragePooling2D()(features), backend.layers.GlobalMaxPooling2D()(features)]
+    )
+    model = backend.Model(inputs, backend.layers.Dense(3, activation="softmax")(both))
+    x = piecewise_constant_images(2)
+
+    result = explain.explain(model, x)
+
+    assert explainer_for(model).gradient_source is GradientSource.FEATURE_MAPS
+    a, g, _ = reference_activations_and_gradients(backend, model, model.get_layer("features"), x, result.class_index)
+    assert_maps_close(result.heatmaps, reference_cam("gradcam", a, g))
+
+
+@pytest.mark.parametrize("backend", [keras, tf_keras], ids=["keras3", "tf_keras"])
+def test_shortcut_through_a_nested_backbone(backend: ModuleType) -> None:
+    """The target is the output of a nested backbone, pooled by the enclosing Sequential: still the shortcut."""
+    backend.utils.set_random_seed(SEED)
+    inputs = backend.Input((12, 12, 2))
+    backbone = backend.Model(inputs, backend.layers.Conv2D(6, 3, activation="relu", name="features")(inputs))
+    nested = backend.Sequential(
+        [
+            backend.Input((12, 12, 2)),
+            backbone,
+            backend.layers.GlobalAveragePooling2D(),
+            backend.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    x = piecewise_constant_images(3)
+    state = snapshot(nested)
+
+    result = explain.explain(nested, x)
+
+    assert result.target_layer == f"{backbone.name}/features"
+    assert explainer_for(nested).gradient_source is GradientSource.POOLED
+    full = FullGradientGradCAM(nested)(x)
+    np.testing.assert_array_equal(result.class_index, full.class_index)
+    assert_maps_close(result.heatmaps, full.heatmaps.astype(np.float64))
+    assert snapshot(nested) == state
