@@ -128,6 +128,11 @@ class StagedWorker(Worker):
                     return
 
     # Feeder: claim and submit decoding. `_run` (Worker) calls run_once whenever there is work.
+    def _claim(self, max_n: int) -> list[Job]:
+        # Up to prefetch + 2 batches are claimed at once: a crash must count an attempt (towards failing a job
+        # that keeps crashing the process) only for jobs whose preparation had started, see _prepare.
+        return self._queue.claim_batch(max_n, count_attempt=False)
+
     def run_once(self) -> int:
         jobs = self._gather()
         if not jobs:
@@ -140,6 +145,7 @@ class StagedWorker(Worker):
     def _prepare(self, job: Job) -> Any:
         started = time.perf_counter()
         try:
+            self._queue.begin_attempt(job.id)
             data = self._spool.read(job.spool_key)
             return self._stages.prepare(job, data)
         except (SpoolError, OSError) as exc:

@@ -214,8 +214,12 @@ class JobQueue:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='pending'").fetchone()[0])
 
-    def claim_batch(self, max_n: int) -> list[Job]:
-        """Move up to ``max_n`` oldest pending jobs to processing and return them."""
+    def claim_batch(self, max_n: int, *, count_attempt: bool = True) -> list[Job]:
+        """Move up to ``max_n`` oldest pending jobs to processing and return them.
+
+        ``count_attempt=False``: the caller counts each job's attempt itself when work on it really starts
+        (:meth:`begin_attempt`), as the pipelined worker does for jobs it claims ahead of the model.
+        """
         now = time.time()
         with self._lock, self._db:
             ids = [
@@ -227,14 +231,20 @@ class JobQueue:
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
+            increment = 1 if count_attempt else 0
             self._db.execute(
-                f"UPDATE jobs SET state='processing', attempts=attempts+1, updated_at=? WHERE id IN ({marks})",
-                (now, *ids),
+                f"UPDATE jobs SET state='processing', attempts=attempts+?, updated_at=? WHERE id IN ({marks})",
+                (increment, now, *ids),
             )
             rows = self._db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks}) ORDER BY id", ids
             ).fetchall()
         return [_job(r) for r in rows]
+
+    def begin_attempt(self, job_id: int) -> None:
+        """Count one attempt at a claimed job (see ``claim_batch(count_attempt=False)``)."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE jobs SET attempts=attempts+1 WHERE id=?", (job_id,))
 
     def complete(self, job_id: int) -> None:
         self._set(job_id, JobState.DONE, None, None)

@@ -109,8 +109,11 @@ class Worker:
             self._process(jobs)
         return len(jobs)
 
+    def _claim(self, max_n: int) -> list[Job]:
+        return self._queue.claim_batch(max_n)
+
     def _gather(self) -> list[Job]:
-        jobs = self._queue.claim_batch(self.batch_size)
+        jobs = self._claim(self.batch_size)
         if not jobs or self.batch_wait_s <= 0:
             return jobs
         deadline = time.monotonic() + self.batch_wait_s
@@ -119,7 +122,7 @@ class Worker:
             if remaining <= 0:
                 break
             if self._queue.wait_for_work(remaining):
-                jobs += self._queue.claim_batch(self.batch_size - len(jobs))
+                jobs += self._claim(self.batch_size - len(jobs))
         return jobs
 
     def _process(self, jobs: list[Job]) -> None:

@@ -182,3 +182,30 @@ def test_stop_leaves_unfinished_jobs_to_be_requeued(store: tuple[JobQueue, Spool
     finally:
         worker.stop()
     assert all(j.state == JobState.DONE for j in jobs.values())
+
+
+def test_jobs_claimed_ahead_do_not_count_an_attempt_until_their_preparation_starts(
+    store: tuple[JobQueue, Spool],
+) -> None:
+    """Three interruptions fail a job only if work on it had started each time (a crash loop), not jobs that
+    merely waited in a claimed batch."""
+    queue, spool = store
+    gate = threading.Event()
+
+    class Stuck(Recorder):
+        def prepare(self, job: Job, data: bytes) -> Any:
+            gate.wait(10)  # the one decode thread is stuck on the first job
+            return super().prepare(job, data)
+
+    ids = _add(queue, spool, [f"img-{i}".encode() for i in range(12)])
+    worker = StagedWorker(queue, spool, Stuck(), batch_size=2, batch_wait_ms=0, decode_threads=1)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while queue.counts()["processing"] < 4 and time.monotonic() < deadline:  # claimed ahead while stuck
+        time.sleep(0.02)
+    time.sleep(0.1)
+    attempts = [queue.get(i).attempts for i in ids]  # type: ignore[union-attr]
+    gate.set()
+    worker.stop()
+    assert attempts[0] == 1  # its preparation started
+    assert sum(attempts) == 1, attempts  # the other claimed jobs waited: no attempt counted
