@@ -123,9 +123,14 @@ def bench_model(name: str, model: Any, shape: tuple[int, int, int], repeats: int
             ]
 
         run_forward(), run_ours()  # first runs optimise the graphs; paired_medians warms once more
+        calls = repeats
+        if calls <= 0:  # auto: about 20 s of forward + ours per row, at least 30 and at most 300 calls each
+            start = time.perf_counter()
+            run_forward()
+            calls = int(min(300, max(30, 10.0 / max(time.perf_counter() - start, 1e-4))))
         medians = paired_medians(
             {"forward": run_forward, "ours": run_ours, "seed": run_seed},
-            {"forward": repeats, "ours": repeats, "seed": seed_repeats},
+            {"forward": calls, "ours": calls, "seed": seed_repeats},
         )
         rows.append(Row(name, batch, medians["forward"], medians["ours"], medians["seed"]))
         print(f"  measured {name} batch {batch}", flush=True)
@@ -153,7 +158,8 @@ def print_table(rows: list[Row], device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls of forward and ours (default 30)")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="timed calls of forward and ours (default: about 20 s per row, 30 to 300 calls)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
     parser.add_argument(
         "--mixed-precision",

@@ -36,9 +36,14 @@ log = logging.getLogger(__name__)
 class Processed:
     result: InferenceResult
     secondary_capture: Dataset
-    overlay_png: bytes
+    overlay: np.ndarray  # RGB, what the SC carries
     oru_message: str
     status: str = "processed"
+
+    @property
+    def overlay_png(self) -> bytes:
+        """The overlay as PNG, encoded on demand (the node sends only the SC and the ORU)."""
+        return encode_png(self.overlay)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,6 @@ class Processor:
             lines=legend_lines(label, probs[label], result.method, result.model_text, no_evidence=heat.no_evidence),
             warnings=warnings, colormap=cfg.colormap, alpha=cfg.alpha,
         )
-        png = encode_png(overlay)
         timings["overlay"] = _ms(t)
         t = time.perf_counter()
         sc = build_secondary_capture(item.source, overlay, result)
@@ -174,7 +178,7 @@ class Processor:
         oru = build_oru(item.source, result, ref, self.settings.hl7,
                         message_control_id=new_message_control_id(), now=datetime.now().astimezone())
         timings["hl7"] = _ms(t)
-        return Processed(result=result, secondary_capture=sc, overlay_png=png, oru_message=oru)
+        return Processed(result=result, secondary_capture=sc, overlay=overlay, oru_message=oru)
 
 
 def load_processor(settings: Settings) -> Processor:
@@ -293,5 +297,8 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
         verdict = evaluate(ds, processor.rules)
         return verdict.eligible, verdict.rule, verdict.reason
 
-    return Node(settings, stages=ProcessorStages(processor, dicom_sender, hl7_sender),
-                dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check)
+    work: dict[str, Any] = (
+        {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
+        else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
+    )
+    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, **work)

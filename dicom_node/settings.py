@@ -93,6 +93,7 @@ class PixelSettings(_Section):
 class WorkerSettings(_Section):
     batch_size: int = Field(16, ge=1, le=256)
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
+    pipelined: bool = True
     decode_threads: int = Field(2, ge=1, le=64)
     output_threads: int = Field(2, ge=1, le=64)
 
