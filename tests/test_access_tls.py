@@ -35,6 +35,7 @@ from dicom_node.store import JobQueue, Spool, jobs_path
 from dicom_node.tls import client_context, server_context
 from tests.peers import fake_secondary_capture, needs_binary, run_tool, sample
 from tests.tls_certs import CertFiles, make_pki
+from tests.node_harness import wait_until as _wait_until
 
 AE_TITLE = "CXRLENS"
 LOCAL = "127.0.0.1"
@@ -113,12 +114,7 @@ def echo(port: int, *, tls: ssl.SSLContext | None = None, calling: str = "TESTSC
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return _wait_until(condition, timeout, poll_s=0.01)
 
 
 # --- access control ------------------------------------------------------------------------------------------

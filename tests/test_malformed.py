@@ -41,6 +41,7 @@ from dicom_node.hl7.sink import HL7Sink
 from dicom_node.scp import QUEUE_FULL_COMMENT, StorageSCP, StoreStatus
 from dicom_node.settings import DestinationSettings, NodeSettings, load_settings
 from dicom_node.store import JobQueue, JobState, Spool, jobs_path
+from tests.node_harness import wait_until as _wait_until
 from tests.synthetic_dicom import (
     encode_dataset,
     encoded,
@@ -641,12 +642,7 @@ def c_echo(port: int) -> int:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = SETTLE_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+    return _wait_until(predicate, timeout, poll_s=0.02)
 
 
 def send(case: Case, port: int, tmp_path: Path) -> tuple[StoreStatus | None, str]:

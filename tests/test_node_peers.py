@@ -26,6 +26,7 @@ from dicom_node.status import collect_status, format_status
 from dicom_node.store import Job, JobQueue, JobState, Spool, jobs_path, outbox_path
 from dicom_node.worker import JobOutcome, ProcessBatch
 from tests.peers import fake_secondary_capture, free_port, needs_binary, sample, start_orthanc
+from tests.node_harness import wait_until as _wait_until
 
 AE_TITLE = "CXRLENS"
 
@@ -80,12 +81,7 @@ def http_get(port: int, path: str) -> tuple[int, str]:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return _wait_until(predicate, timeout, poll_s=0.05)
 
 
 def test_node_round_trip_with_metrics_and_health(tmp_path: Path, sink: DicomSink) -> None:

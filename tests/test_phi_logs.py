@@ -30,6 +30,7 @@ from dicom_node.hl7.sink import HL7Sink
 from dicom_node.settings import DestinationSettings, load_settings
 from tests.peers import free_port
 from tests.synthetic_dicom import make_cr_dataset
+from tests.node_harness import wait_until as _wait_until
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
@@ -90,12 +91,7 @@ def c_store(port: int, ds: Dataset) -> int:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return _wait_until(predicate, timeout, poll_s=0.05)
 
 
 def outputs_and_leaks(ds: Dataset, pacs: DicomSink, hl7_dir: Path, log_text: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 from dicom_node.errors import DecodeError
 from dicom_node.store import Job, JobQueue, JobState, Spool, jobs_path
 from dicom_node.worker import JobOutcome, Worker
+from tests.node_harness import wait_until as _wait_until
 
 
 class FakePipeline:
@@ -48,13 +49,8 @@ def add(queue: JobQueue, spool: Spool, i: int) -> int:
     return queue.add(spool.write(bytes([i % 256]) * 64))[0]
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    return _wait_until(predicate, timeout, poll_s=0.01)
 
 
 def test_batches_are_capped_and_oldest_first(parts: tuple[JobQueue, Spool]) -> None:
