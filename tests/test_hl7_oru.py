@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
+import random
 import zlib
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import hl7
@@ -12,11 +15,12 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import MaxLengthReached, ValidationError
 from hl7apy.parser import parse_message
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.sequence import Sequence
 
 from dicom_node.hl7.oru import (
     ORUBuildError,
+    _text,
     build_oru,
     da_tm_to_ts,
     dt_to_ts,
@@ -25,6 +29,7 @@ from dicom_node.hl7.oru import (
 )
 from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
 from dicom_node.settings import HL7Settings
+from tests.hl7apy_reference import build_oru_hl7apy, validate_with_standins
 
 NOW = datetime(2024, 3, 5, 14, 30, 15, tzinfo=timezone(timedelta(hours=1)))
 CONTROL_ID = "CTL0000000000000001"
@@ -408,3 +413,483 @@ def test_identifiers_beyond_v251_conformance_lengths_are_sent_whole() -> None:
     parse_message(er7, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=True).validate()
     with pytest.raises(MaxLengthReached):
         parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+
+
+# --- the hand-assembled ER7 against the former hl7apy builder (tests/hl7apy_reference.py) --------------------
+
+Inputs = tuple[Dataset, InferenceResult, OverlayRef, HL7Settings, datetime]
+
+
+@pytest.fixture
+def lenient_dicom(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Modalities send invalid values too (lower-case CS, bad dates, backslashes): let the sources hold them."""
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.IGNORE)
+    yield
+
+
+def same_as_hl7apy(inputs: Inputs) -> str:
+    """The hand-built ORU, asserted byte-identical to the hl7apy-built one."""
+    source, result, overlay, settings, now = inputs
+    er7 = build_oru(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now)
+    reference = build_oru_hl7apy(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now)
+    assert er7 == reference
+    return er7
+
+
+def assert_valid_er7(er7: str) -> hl7.Message:
+    """hl7apy's v2.5.1 validator (PID-3/PID-5 stood in, as the former builder did) and python-hl7 both accept it."""
+    assert not er7.endswith("\r") and "\n" not in er7
+    apy = parse_message(er7, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=True)
+    validate_with_standins(apy)  # raises ValidationError
+    msg = hl7.parse(er7)
+    assert str(msg) == er7 + "\r"  # python-hl7 ends every segment with \r
+    assert [str(segment[0]) for segment in msg][:4] == ["MSH", "PID", "ORC", "OBR"]
+    msh = msg.segment("MSH")
+    assert (str(msh[18]) if len(msh) > 18 else "") == ("" if er7.isascii() else "UNICODE UTF-8")
+    return msg
+
+
+def inputs(
+    source: Dataset | None = None,
+    result: InferenceResult | None = None,
+    overlay: OverlayRef | None = None,
+    settings: HL7Settings | None = None,
+    now: datetime = NOW,
+) -> Inputs:
+    return (
+        source if source is not None else make_source(),
+        result or make_result(),
+        overlay or make_overlay(tiny_png()),
+        settings or HL7Settings(),
+        now,
+    )
+
+
+def bare_source() -> Dataset:
+    bare = Dataset()
+    bare.StudyInstanceUID = STUDY_UID
+    return bare
+
+
+def code_item(**attributes: str) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def probabilities_result(probabilities: dict[str, float], **changes: object) -> InferenceResult:
+    return dataclasses.replace(make_result(), probabilities=probabilities, **changes)
+
+
+DELIMITED = "a|b^c&d~e\\f"
+DATE_TIMES = [  # (date, time, offset) as the source carries them; every row of test_da_tm_to_ts and more
+    ("20240305", "", ""),
+    ("20240305", "10", ""),
+    ("20240305", "1015", ""),
+    ("20240305", "101520", ""),
+    ("20240305", "101520.1", ""),
+    ("20240305", "235959.999999", ""),
+    ("20240305", "101520.", ""),
+    ("20240305", "10:15:20", ""),
+    ("2024.03.05", "", ""),
+    ("20240305", "101520", "+0100"),
+    ("20240305", "101520", "+1400"),
+    ("20240305", "101520", "-1200"),
+    ("20240305", "101520", "-1300"),
+    ("20240305", "101520", "bad"),
+    ("20240305", "25", ""),
+    ("20240305", "235960", ""),
+    ("20240231", "1015", ""),
+    ("20241305", "1015", ""),
+    ("2024030", "", ""),
+    ("", "101520", ""),
+    ("", "", ""),
+]
+ACQUISITION_DATE_TIMES = [
+    "2024",
+    "202403",
+    "2024030510",
+    "20240305101520.123456+0100",
+    "20240305101520+0100",
+    "20240305106",
+    "garbage",
+]
+
+NAMED_CASES: dict[str, Callable[[], Inputs]] = {
+    "default": lambda: inputs(),
+    "bare-dataset": lambda: inputs(bare_source()),
+    "no-patient-id": lambda: inputs(make_source(PatientID=None)),
+    "no-patient-name": lambda: inputs(make_source(PatientName=None)),
+    "no-id-no-name-no-birth-no-sex": lambda: inputs(
+        make_source(PatientID=None, PatientName=None, PatientBirthDate=None, PatientSex=None)
+    ),
+    "empty-values": lambda: inputs(make_source(PatientID="", PatientName="", PatientSex="", StudyTime="")),
+    "non-ascii-name": lambda: inputs(make_source(PatientName="Müller^Zoë")),
+    "non-ascii-accession": lambda: inputs(make_source(AccessionNumber="Ünfall-7")),
+    "ideographic-name": lambda: inputs(make_source(PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう")),
+    "only-ideographic-name": lambda: inputs(make_source(PatientName="=山田^太郎")),
+    "pn-prefix-suffix": lambda: inputs(make_source(PatientName="Family^Given^Middle^Prefix^Suffix")),
+    "pn-family-given": lambda: inputs(make_source(PatientName="Family^Given")),
+    "pn-given-only": lambda: inputs(make_source(PatientName="^Given")),
+    "pn-delimiters": lambda: inputs(make_source(PatientName="Mc&Don|ald~X^Jo&hn^Q|R^Dr.~^J&r.")),
+    "pn-spaces": lambda: inputs(make_source(PatientName=" Doe ^ J ")),
+    **{
+        f"patient-id-{i}": (
+            lambda patient_id=patient_id: inputs(
+                make_source(PatientID=patient_id, IssuerOfPatientID="A&B^C|E\\F", AccessionNumber="ACC|9^8")
+            )
+        )
+        for i, patient_id in enumerate(["ID^1&2~3|4", "back\\slash", "looks\\F\\escaped", "\\E\\", "plain", "  x "])
+    },
+    "no-issuer": lambda: inputs(make_source(IssuerOfPatientID=None)),
+    "issuer-qualifiers": lambda: inputs(
+        make_source(
+            IssuerOfPatientIDQualifiersSequence=Sequence(
+                [code_item(UniversalEntityID="2.16.840.1.113883.3.72.5.9.1", UniversalEntityIDType="ISO")]
+            )
+        )
+    ),
+    "issuer-qualifiers-without-issuer": lambda: inputs(
+        make_source(
+            IssuerOfPatientID=None,
+            IssuerOfPatientIDQualifiersSequence=Sequence([code_item(UniversalEntityID="1.2&3|4")]),
+        )
+    ),
+    "issuer-qualifiers-type-only": lambda: inputs(
+        make_source(
+            IssuerOfPatientID=None,
+            IssuerOfPatientIDQualifiersSequence=Sequence([code_item(UniversalEntityIDType="ISO")]),
+        )
+    ),
+    "blank-issuer-qualifiers": lambda: inputs(
+        make_source(
+            IssuerOfPatientID=" ",
+            IssuerOfPatientIDQualifiersSequence=Sequence([code_item(UniversalEntityID="\xa0")]),
+        )
+    ),
+    "blank-patient-id-and-accession": lambda: inputs(make_source(PatientID=" ", AccessionNumber="\u3000")),
+    "blank-name-components": lambda: inputs(make_source(PatientName="Doe^ ^\u3000^Dr.^ ")),
+    "blank-name": lambda: inputs(make_source(PatientName=" ^ ")),
+    "blank-code-meaning": lambda: inputs(
+        make_source(RequestedProcedureCodeSequence=Sequence([code_item(CodeValue="C1", CodeMeaning=" ")]))
+    ),
+    "blank-settings-and-texts": lambda: inputs(
+        result=probabilities_result({" ": 0.5}, label=" ", method=" ", model_id=" ", model_version=" "),
+        settings=HL7Settings(sending_application=" ", receiving_facility="\u3000", procedure_text=" "),
+    ),
+    "issuer-beyond-lengths": lambda: inputs(make_source(IssuerOfPatientID="urn:oid:2.16.840.1.113883.3.72.5.9.1|X")),
+    **{
+        f"sex-{sex}": (lambda sex=sex: inputs(make_source(PatientSex=sex)))
+        for sex in ["M", "F", "O", "X", "m", " f ", "U"]
+    },
+    **{
+        f"study-date-time-{i}": (
+            lambda date=date, time=time, offset=offset: inputs(
+                make_source(StudyDate=date, StudyTime=time, TimezoneOffsetFromUTC=offset or None)
+            )
+        )
+        for i, (date, time, offset) in enumerate(DATE_TIMES)
+    },
+    **{
+        f"birth-date-time-{i}": (
+            lambda date=date, time=time: inputs(make_source(PatientBirthDate=date, PatientBirthTime=time))
+        )
+        for i, (date, time, _) in enumerate(DATE_TIMES)
+    },
+    **{
+        f"acquisition-date-time-{i}": (
+            lambda dt=dt: inputs(
+                make_source(StudyDate=None, StudyTime=None, AcquisitionDateTime=dt, TimezoneOffsetFromUTC="-0500")
+            )
+        )
+        for i, dt in enumerate(ACQUISITION_DATE_TIMES)
+    },
+    "study-time-offset": lambda: inputs(make_source(TimezoneOffsetFromUTC="-0300")),
+    "procedure-code-sequence": lambda: inputs(
+        make_source(
+            RequestedProcedureCodeSequence=Sequence(
+                [code_item(CodeValue="RPID^1", CodeMeaning="Chest & ribs", CodingSchemeDesignator="99ORD")]
+            )
+        )
+    ),
+    "procedure-long-code-value": lambda: inputs(
+        make_source(
+            RequestedProcedureCodeSequence=Sequence([code_item(LongCodeValue="urn:x|long", CodeMeaning="Thorax")])
+        )
+    ),
+    "procedure-code-without-value": lambda: inputs(
+        make_source(RequestedProcedureCodeSequence=Sequence([code_item(CodeMeaning="No value")]))
+    ),
+    "procedure-code-value-only": lambda: inputs(
+        make_source(RequestedProcedureCodeSequence=Sequence([code_item(CodeValue="C1")]))
+    ),
+    "placer-in-request-attributes": lambda: inputs(
+        make_source(
+            RequestAttributesSequence=Sequence([code_item(PlacerOrderNumberImagingServiceRequest="PLACER-7")])
+        )
+    ),
+    "placer-top-level": lambda: inputs(make_source(PlacerOrderNumberImagingServiceRequest="PL|^8")),
+    "placer-without-accession": lambda: inputs(
+        make_source(AccessionNumber=None, PlacerOrderNumberImagingServiceRequest="PL-1")
+    ),
+    "demo": lambda: inputs(result=make_result(is_demo=True)),
+    "demo-without-image": lambda: inputs(
+        result=make_result(is_demo=True), settings=HL7Settings(include_image=False)
+    ),
+    "image-not-configured": lambda: inputs(settings=HL7Settings(include_image=False)),
+    "no-png": lambda: inputs(overlay=make_overlay(None)),
+    "empty-png": lambda: inputs(overlay=make_overlay(b"")),
+    "large-png": lambda: inputs(overlay=make_overlay(tiny_png() + bytes(range(256)) * 200)),
+    "overlay-study-from-source": lambda: inputs(overlay=OverlayRef("", SERIES_UID, SOP_UID, tiny_png())),
+    "overlay-without-uids": lambda: inputs(bare_source(), overlay=OverlayRef("", "", "", None)),
+    "result-delimiters-and-non-ascii": lambda: inputs(
+        result=probabilities_result(
+            {DELIMITED: 0.5, "Ödem": 0.25},
+            label=DELIMITED,
+            method="grad|cam^ü",
+            model_id="m&1",
+            model_version="~2",
+        )
+    ),
+    "probabilities-edge-values": lambda: inputs(
+        result=probabilities_result({"a": 0.0, "b": -0.0, "c": 1e-9, "d": 1.0, "e": 0.9999999, "f": -0.25})
+    ),
+    "probabilities-not-finite": lambda: inputs(result=probabilities_result({"a": float("nan"), "b": float("inf")})),
+    "no-probabilities-empty-texts": lambda: inputs(
+        result=probabilities_result({}, label="", method="", model_id="", model_version="")
+    ),
+    "msh-settings": lambda: inputs(
+        settings=HL7Settings(
+            sending_application="CXR|LENS",
+            sending_facility="RAD&1",
+            receiving_application="HS^X",
+            receiving_facility="IRIS~2",
+            processing_id="T",
+            accept_ack_type="NE",
+            application_ack_type="AL",
+        )
+    ),
+    "msh-non-ascii-only": lambda: inputs(settings=HL7Settings(sending_facility="Radiologie Süd")),
+    "msh-empty-names": lambda: inputs(
+        settings=HL7Settings(
+            sending_application="", sending_facility="", receiving_application="", receiving_facility=""
+        )
+    ),
+    "procedure-settings-delimiters": lambda: inputs(
+        settings=HL7Settings(procedure_code="A^B", procedure_text="X|Y & Z", procedure_coding_system="~")
+    ),
+    "procedure-settings-text-only": lambda: inputs(
+        settings=HL7Settings(procedure_code="", procedure_text="Chest", procedure_coding_system="")
+    ),
+    "now-naive": lambda: inputs(now=datetime(2024, 3, 5, 14, 30, 15, 999999)),
+    "now-utc": lambda: inputs(now=datetime(2024, 12, 31, 23, 59, 59, tzinfo=timezone.utc)),
+    "now-negative-offset": lambda: inputs(now=datetime(2024, 1, 1, tzinfo=timezone(-timedelta(minutes=570)))),
+    "now-offset-with-seconds": lambda: inputs(now=datetime(2024, 1, 1, tzinfo=timezone(timedelta(seconds=3630)))),
+}
+# Equal to the hl7apy builder, but not valid v2.5.1 (hl7apy's builder sent them all the same).
+NOT_VALID_V251 = {
+    "procedure-settings-empty": lambda: inputs(
+        settings=HL7Settings(procedure_code="", procedure_text="", procedure_coding_system="")
+    ),  # OBR-4 is required: sent empty
+}
+
+
+@pytest.mark.usefixtures("lenient_dicom")
+@pytest.mark.parametrize("case", sorted(NAMED_CASES))
+def test_same_bytes_as_hl7apy_and_valid(case: str) -> None:
+    assert_valid_er7(same_as_hl7apy(NAMED_CASES[case]()))
+
+
+@pytest.mark.usefixtures("lenient_dicom")
+@pytest.mark.parametrize("case", sorted(NOT_VALID_V251))
+def test_same_bytes_as_hl7apy_for_values_v251_does_not_allow(case: str) -> None:
+    same_as_hl7apy(NOT_VALID_V251[case]())
+
+
+_ASCII = "ABCxyz0129 .-_|^~\\&"
+_UNICODE = _ASCII + "äÖßéЖ中\u3000\xa0"
+_BLANKS = (" ", "  ", "\u3000", " \xa0")  # str.isspace(): hl7apy sent blank parts of composite fields empty
+
+
+def _random_text(rng: random.Random, alphabet: str, max_length: int = 12) -> str:
+    if rng.random() < 0.05:
+        return rng.choice(_BLANKS)
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, max_length)))
+
+
+def _random_date(rng: random.Random) -> str:
+    """A DA or one that is not: years from 1000 (see test_years_before_1000_are_sent_as_they_are)."""
+    kind = rng.random()
+    if kind < 0.1:
+        return rng.choice(["", "garbage", "2024-03-05", "1.2.3"])
+    date = f"{rng.randint(1000, 2999)}{rng.randint(0, 13):02d}{rng.randint(0, 32):02d}"
+    return date[:4] + "." + date[4:6] + "." + date[6:] if kind < 0.15 else date
+
+
+def _random_time(rng: random.Random) -> str:
+    parts = [f"{rng.randint(0, 25):02d}", f"{rng.randint(0, 61):02d}", f"{rng.randint(0, 61):02d}"]
+    text = "".join(parts[: rng.randint(0, 3)])
+    if len(text) == 6 and rng.random() < 0.5:
+        text += "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 6)))
+    return text if rng.random() < 0.9 else text[:2] + ":" + text[2:4]
+
+
+def _random_offset(rng: random.Random) -> str | None:
+    return rng.choice([None, "+0000", "+0100", "-0300", "+0530", "+1400", "-1200", "-1300", "+0060", "bad"])
+
+
+def _random_uid(rng: random.Random) -> str:
+    if rng.random() < 0.1:
+        return ""
+    return "1.2." + ".".join(str(rng.randint(0, 99999)) for _ in range(rng.randint(1, 8)))
+
+
+def random_inputs(rng: random.Random) -> Inputs:
+    """A source with a random subset of the attributes the ORU reads, and random result, overlay, settings."""
+    alphabet = _ASCII if rng.random() < 0.4 else _UNICODE
+    text = lambda max_length=12: _random_text(rng, alphabet, max_length)  # noqa: E731
+    ds = Dataset()
+    maybe = lambda: rng.random() < 0.7  # noqa: E731
+    if maybe():
+        ds.StudyInstanceUID = _random_uid(rng)
+    if maybe():
+        ds.PatientID = text()
+    if maybe():
+        ds.IssuerOfPatientID = text(30)
+    if rng.random() < 0.3:
+        ds.IssuerOfPatientIDQualifiersSequence = Sequence(
+            [code_item(**{k: text() for k in ("UniversalEntityID", "UniversalEntityIDType") if maybe()})]
+        )
+    if maybe():
+        groups = ["^".join(text(8) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        ds.PatientName = "=".join(groups)
+    if maybe():
+        ds.PatientBirthDate = _random_date(rng)
+    if rng.random() < 0.3:
+        ds.PatientBirthTime = _random_time(rng)
+    if maybe():
+        ds.PatientSex = rng.choice(["M", "F", "O", "U", "X", "m", " f ", "", "other"])
+    if maybe():
+        ds.AccessionNumber = text(16)
+    if rng.random() < 0.3:
+        ds.PlacerOrderNumberImagingServiceRequest = text()
+    if rng.random() < 0.3:
+        ds.RequestAttributesSequence = Sequence(
+            [code_item(PlacerOrderNumberImagingServiceRequest=text()) if maybe() else Dataset()]
+        )
+    if maybe():
+        ds.StudyDate = _random_date(rng)
+    if maybe():
+        ds.StudyTime = _random_time(rng)
+    offset = _random_offset(rng)
+    if offset is not None:
+        ds.TimezoneOffsetFromUTC = offset
+    if rng.random() < 0.4:
+        date = _random_date(rng)
+        if len(date) == 8 and date.isdigit():  # a time alone would read as a year before 1000
+            date += _random_time(rng) + (_random_offset(rng) or "")
+        ds.AcquisitionDateTime = date
+    if rng.random() < 0.4:
+        keywords = ("CodeValue", "LongCodeValue", "CodeMeaning", "CodingSchemeDesignator")
+        ds.RequestedProcedureCodeSequence = Sequence(
+            [code_item(**{k: text() for k in keywords if rng.random() < 0.5})]
+        )
+
+    labels = {text(10) or "x" for _ in range(rng.randint(0, 4))}
+    result = InferenceResult(
+        label=rng.choice(sorted(labels)) if labels else text(),
+        class_index=0,
+        probabilities={label: rng.choice([0.0, 1.0, 1e-7, rng.random(), -rng.random()]) for label in labels},
+        method=text(),
+        model_id=text(),
+        model_version=text(6),
+        is_demo=rng.random() < 0.5,
+        heatmap_max=1.0,
+        no_evidence=False,
+    )
+    png_kind = rng.random()
+    png = None if png_kind < 0.2 else tiny_png() if png_kind < 0.7 else rng.randbytes(rng.randint(0, 4000))
+    overlay = OverlayRef(_random_uid(rng), _random_uid(rng), _random_uid(rng), png)
+    settings = HL7Settings(
+        sending_application=text(),
+        sending_facility=text(),
+        receiving_application=text(),
+        receiving_facility=text(),
+        processing_id=rng.choice(["P", "D", "T"]),
+        accept_ack_type=rng.choice(["AL", "NE", "ER", "SU"]),
+        application_ack_type=rng.choice(["AL", "NE", "ER", "SU"]),
+        procedure_code=text() or "C",  # an empty OBR-4 is not valid v2.5.1 (NOT_VALID_V251)
+        procedure_text=text(),
+        procedure_coding_system=text(6),
+        include_image=rng.random() < 0.7,
+    )
+    tz = rng.choice([None, timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))])
+    now = datetime(2000, 1, 1, tzinfo=tz) + timedelta(seconds=rng.randint(0, 10**9) + rng.random())
+    return ds, result, overlay, settings, now
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lenient_dicom")
+def test_randomised_sources_give_the_same_bytes_as_hl7apy_and_valid_messages() -> None:
+    rng = random.Random(20240305)
+    non_ascii = blank = blank_obr4 = 0
+    for _ in range(200):
+        source, result, overlay, settings, now = case = random_inputs(rng)
+        er7 = same_as_hl7apy(case)
+        non_ascii += not er7.isascii()
+        if segments(er7, "OBR")[0].split("|")[4] == "":  # a blank code: OBR-4 sent empty, as hl7apy sent it
+            blank_obr4 += 1
+            continue
+        msg = assert_valid_er7(er7)
+        # A blank part of a composite field (CX, EI) goes out empty; primitive fields (OBR-18 is ST) keep it.
+        patient_id, accession = _text(source, "PatientID"), _text(source, "AccessionNumber")
+        assert msg.extract_field("PID", 1, 3, 1, 1) == (patient_id if patient_id.strip() else "")
+        assert msg.extract_field("ORC", 1, 3) == (accession if accession.strip() else "")
+        assert msg.extract_field("OBR", 1, 18) == accession
+        blank += any(value.isspace() for value in (patient_id, accession))
+        assert [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")][0] == AI_DISCLAIMER
+        images = 1 if settings.include_image and overlay.png else 0
+        assert len(msg.segments("OBX")) == 6 + len(result.probabilities) + images
+        if images:
+            assert base64.b64decode(str(obx_by_code(msg, "AIOVERLAY")[5][0][4])) == overlay.png
+    assert 50 < non_ascii < 150 and blank > 5 and blank_obr4 < 10
+
+
+def test_years_before_1000_are_sent_as_they_are() -> None:
+    # hl7apy re-formats TS values through datetime.strftime("%Y"), which glibc does not zero-pad: its builder sent
+    # 09990102 as "9990102" (and 00010101 + 101520 as "10101101520"). The hand-built ER7 keeps the TS as computed.
+    er7 = build(make_source(PatientBirthDate="09990102", StudyDate="00010101", StudyTime="101520"))
+    msg = hl7.parse(er7)
+    assert msg.extract_field("PID", 1, 7) == "09990102"
+    assert msg.extract_field("OBR", 1, 7) == "00010101101520"
+
+
+@pytest.mark.usefixtures("lenient_dicom")
+def test_blank_parts_of_composite_fields_go_out_empty() -> None:
+    # As hl7apy sent them: a whitespace-only component of CX, XPN, EI, CE, HD is empty; ST and FT keep it.
+    msg = hl7.parse(build(make_source(PatientName="Doe^ ^Q", AccessionNumber=" ", PatientID=" ")))
+    assert str(msg.segment("PID")[5]) == "Doe^^Q"
+    assert str(msg.segment("PID")[3]) == "^^^HOSPITAL_A^MR"
+    assert msg.extract_field("ORC", 1, 3) == "" and msg.extract_field("OBR", 1, 18) == " "
+
+
+def test_oru_module_does_not_import_hl7apy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, dicom_node.hl7.oru; sys.exit('hl7apy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.usefixtures("lenient_dicom")
+def test_control_characters_are_hex_escaped_and_do_not_split_segments() -> None:
+    # A CR in a DICOM value would end the segment: control characters go as hexadecimal data (\Xhh\). hl7apy's
+    # builder sent them raw (not comparable here).
+    er7 = build(make_source(PatientID="a\rb\nc", PatientName="x\ry"))
+    assert_valid_er7(er7)
+    pid = segments(er7, "PID")
+    assert len(pid) == 1
+    assert "a\\X0D\\b\\X0A\\c" in pid[0] and "x\\X0D\\y" in pid[0]
+    assert [line[:3] for line in er7.split("\r")] == [line[:3] for line in build(make_source()).split("\r")]

@@ -4,9 +4,10 @@ Profile (IHE RAD-132 as implemented in dcm4chee, see REFERENCE.md): MSH, PID, OR
 then one OBX per observation. AI output is preliminary: OBR-25 and every OBX-11 are ``P``.
 
 Escaping: every DICOM- or model-derived value is escaped exactly once, here (:func:`escape`, HL7 v2.5.1
-section 2.7.4), and handed to hl7apy as ER7. hl7apy keeps ER7 values as they are (it only escapes characters
-that are not already part of an escape sequence), so a DICOM value that happens to contain ``\\F\\`` still
+section 2.7.4), and placed in the ER7 text as it is, so a DICOM value that happens to contain ``\\F\\`` still
 round-trips exactly.
+
+The ER7 text is assembled by hand, without hl7apy objects (see "ER7 assembly" below for why).
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import uuid
 from datetime import datetime
 from typing import NamedTuple
 
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Group, Message, Segment
-from hl7apy.exceptions import ValidationError
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -45,7 +43,7 @@ SEX_CODES = {"M": "M", "F": "F", "O": "O"}  # DICOM (0010,0040) -> Table 0001; a
 CONTROL_ID_LENGTH = 20  # MSH-10 is ST(20) in v2.5.1
 UTF8_CHARSET = "UNICODE UTF-8"
 
-_PID_REQUIRED = ("pid_3", "pid_5")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
 
 
@@ -72,9 +70,14 @@ class ORUBuildError(CxrLensError):
 
 
 def escape(value: str) -> str:
-    """Escape HL7 delimiters with the standard sequences (v2.5.1 section 2.7.4); the escape character first."""
+    """Escape HL7 delimiters with the standard sequences (v2.5.1 section 2.7.4); the escape character first.
+
+    Control characters (a CR would end the segment) go as hexadecimal data, ``\\Xhh\\`` (section 2.7.4 too).
+    """
     for char, sequence in _ESCAPES:
         value = value.replace(char, sequence)
+    if _CONTROL.search(value):
+        value = _CONTROL.sub(lambda m: f"\\X{ord(m.group()):02X}\\", value)
     return value
 
 
@@ -229,6 +232,17 @@ def _number(value: float) -> str:
 
 
 # --- ER7 assembly --------------------------------------------------------------------------------------------
+#
+# Assembled by hand rather than with hl7apy objects: hl7apy costs about 1 ms of pure-Python CPU per field set,
+# and with its validator 40-55 ms per message on the 2-core node (measured), the largest CPU cost per image and
+# GIL time the node's other threads need. The structure is fixed, so the tests check it against the former
+# hl7apy builder byte for byte and with hl7apy's validator (tests/hl7apy_reference.py), not every message.
+# One deliberate difference: hl7apy re-printed TS values with strftime, which glibc does not zero-pad before the
+# year 1000 (09990102 went out as 9990102); here a TS goes out as computed.
+
+FIELD_SEPARATOR = "|"
+ENCODING_CHARACTERS = "^~\\&"  # MSH-2: component, repetition, escape, subcomponent
+SEGMENT_SEPARATOR = "\r"
 
 
 def _components(*parts: str) -> str:
@@ -236,27 +250,48 @@ def _components(*parts: str) -> str:
     return "^".join(escape(part) for part in parts).rstrip("^")
 
 
-def _put(segment: Segment, field: str, er7: str, *, required: bool = False) -> None:
-    """Set a field from ER7; a required field is sent empty rather than left out."""
-    if er7 or required:
-        setattr(segment, field, er7)
-
-
 def _code(code: Code) -> str:
     return _components(code.code, code.text, code.system)
 
 
-def _obx(
-    group: Group, set_id: int, value_type: str, identifier: Code, value: str, units: str = ""
-) -> Segment:
-    obx = group.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
-    _put(obx, "obx_1", str(set_id))
-    _put(obx, "obx_2", value_type)
-    _put(obx, "obx_3", _code(identifier), required=True)
-    _put(obx, "obx_5", value)
-    _put(obx, "obx_6", units)
-    _put(obx, "obx_11", RESULT_STATUS)
-    return obx
+def _segment(
+    name: str, fields: dict[int, str], *, required: tuple[int, ...] = (), composite: tuple[int, ...] = ()
+) -> str:
+    """One segment from ``{field number: ER7}``, laid out as hl7apy's ``to_er7`` laid it out.
+
+    An empty field is not sent: between sent fields it is empty, after the last one it is left out (no trailing
+    ``|``). A ``required`` field is sent even when empty, so an empty one still ends with its ``|``. The
+    ``composite`` fields (CX, XPN, HD, EI, CE, TS) lose their blank parts (:func:`_without_blank_parts`).
+    MSH-1 is the field separator itself: MSH fields start at MSH-2.
+    """
+    first = 2 if name == "MSH" else 1
+    sent = [number for number, er7 in fields.items() if er7 or number in required]
+    values = [""] * (max(sent, default=first - 1) - first + 1)
+    for number in sent:
+        er7 = fields[number]
+        values[number - first] = _without_blank_parts(er7) if number in composite else er7
+    return FIELD_SEPARATOR.join([name, *values])
+
+
+def _without_blank_parts(er7: str) -> str:
+    """A composite field with its whitespace-only components and subcomponents sent empty, then trimmed.
+
+    hl7apy parsed each field it was given and left out the whitespace-only (``str.isspace``) parts of a composite
+    datatype, so a blank DICOM value (a PN component of spaces, a blank Code Meaning) went out empty; this keeps
+    those bytes. Parts of primitive fields (ST, FT, ID, OBX-5) stay as they are. Only CX.4 (HD) carries
+    subcomponents: everywhere else ``&`` is escaped.
+    """
+    components = er7.split("^")
+    for i, component in enumerate(components):
+        if "&" in component:
+            component = "&".join(sub if sub.strip() else "" for sub in component.split("&")).rstrip("&")
+        components[i] = component if component.strip() else ""
+    return "^".join(components).rstrip("^")
+
+
+def _obx(set_id: int, value_type: str, identifier: Code, value: str, units: str = "") -> str:
+    fields = {1: str(set_id), 2: value_type, 3: _code(identifier), 5: value, 6: units, 11: RESULT_STATUS}
+    return _segment("OBX", fields, required=(3,), composite=(3, 6))
 
 
 def build_oru(
@@ -268,144 +303,104 @@ def build_oru(
     message_control_id: str,
     now: datetime,
 ) -> str:
-    """Build the ORU^R01 for one result: ER7 with ``\\r`` segment separators, checked by hl7apy's validator.
+    """Build the ORU^R01 for one result: ER7 with ``\\r`` between segments (none after the last).
 
     ``source`` is the received image (patient, order and study come from it); ``overlay`` names the Secondary
-    Capture that carries the heatmap. Missing DICOM attributes give empty fields. Raises
-    :class:`ORUBuildError` when the message does not validate (structure, cardinality, datatypes).
+    Capture that carries the heatmap. Missing DICOM attributes give empty fields; PID-3 and PID-5 (required in
+    v2.5.1, type 2 in DICOM) are then sent empty and the receiver decides. Raises :class:`ORUBuildError` for a
+    control ID that does not fit MSH-10 or a source that cannot be read; its text carries no patient values.
     """
     if not message_control_id or len(message_control_id) > CONTROL_ID_LENGTH or escape(message_control_id) != (
         message_control_id
     ):
         raise ORUBuildError("message_control_id must be 1-20 characters without HL7 delimiters")
     try:
-        # Built TOLERANT, then checked by the validator that STRICT parsing uses: structure, cardinality,
-        # required fields and datatypes are errors. STRICT construction would add a length check on the
-        # *escaped* text (IS(20) for HD.1, ST(199) for every OBX-5 component, so no ED image at all); valid
-        # DICOM values can exceed it and receivers (IRIS included) do not enforce v2.5.1 lengths.
-        message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-        _fill(message, source, result, overlay, settings, message_control_id, now)
-        if not message.to_er7().isascii():
-            message.msh.msh_18 = UTF8_CHARSET  # MSH-18, Table 0211; the sender encodes UTF-8
-        _validate(message)
-        er7 = message.to_er7()
-    except ORUBuildError:
-        raise
-    except Exception as exc:  # hl7apy raises a zoo of exception types; name the boundary
-        # Only the validator's texts are free of values (patient data); of the others, name the type.
-        detail = str(exc) if isinstance(exc, ValidationError) else type(exc).__name__
-        raise ORUBuildError(f"ORU^R01 {message_control_id}: {detail}") from exc
-    return er7
+        msh = {
+            2: ENCODING_CHARACTERS,
+            3: _components(settings.sending_application),
+            4: _components(settings.sending_facility),
+            5: _components(settings.receiving_application),
+            6: _components(settings.receiving_facility),
+            7: datetime_to_ts(now),
+            9: MESSAGE_TYPE,
+            10: message_control_id,
+            11: settings.processing_id,
+            12: HL7_VERSION,
+            15: settings.accept_ack_type,
+            16: settings.application_ack_type,
+        }
+        segments = [_msh(msh), *_order_segments(source, result, overlay, settings, now)]
+        if not all(segment.isascii() for segment in segments):
+            msh[18] = UTF8_CHARSET  # MSH-18, Table 0211; the sender encodes UTF-8
+            segments[0] = _msh(msh)
+    except Exception as exc:  # e.g. a DICOM value pydicom cannot decode: name the type, never the value
+        raise ORUBuildError(f"ORU^R01 {message_control_id}: {type(exc).__name__}") from exc
+    return SEGMENT_SEPARATOR.join(segments)
 
 
-def _validate(message: Message) -> None:
-    """hl7apy validation (errors raise; lengths and tables are only warnings there).
-
-    PID-3 and PID-5 are required in v2.5.1, but DICOM lets an image arrive without Patient ID or Name (type 2).
-    The result is still sent with those fields empty, so the receiver decides (an AE parks it, visibly): they
-    are validated with a stand-in value that is removed again.
-    """
-    pid = message.oru_r01_patient_result.oru_r01_patient.pid
-    empty = [field for field in _PID_REQUIRED if not getattr(pid, field).to_er7()]
-    for field in empty:
-        setattr(pid, field, "STANDIN")
-    try:
-        message.validate()
-    finally:
-        for field in empty:
-            setattr(pid, field, "")
+def _msh(fields: dict[int, str]) -> str:
+    return _segment("MSH", fields, required=(7,), composite=(3, 4, 5, 6, 7, 9, 11, 12))  # HD, TS, MSG, PT, VID
 
 
-def _fill(
-    message: Message,
-    ds: Dataset,
-    result: InferenceResult,
-    overlay: OverlayRef,
-    settings: HL7Settings,
-    control_id: str,
-    now: datetime,
-) -> None:
-    """Fill the segments."""
-    msh = message.msh
-    _put(msh, "msh_3", _components(settings.sending_application))
-    _put(msh, "msh_4", _components(settings.sending_facility))
-    _put(msh, "msh_5", _components(settings.receiving_application))
-    _put(msh, "msh_6", _components(settings.receiving_facility))
-    _put(msh, "msh_7", datetime_to_ts(now), required=True)
-    _put(msh, "msh_9", MESSAGE_TYPE)
-    _put(msh, "msh_10", control_id)
-    _put(msh, "msh_11", settings.processing_id)
-    _put(msh, "msh_12", HL7_VERSION)
-    _put(msh, "msh_15", settings.accept_ack_type)
-    _put(msh, "msh_16", settings.application_ack_type)
-
-    patient_result = message.add_group("ORU_R01_PATIENT_RESULT")
-    pid = patient_result.add_group("ORU_R01_PATIENT").add_segment("PID")
-    _put(pid, "pid_1", "1")
+def _order_segments(
+    ds: Dataset, result: InferenceResult, overlay: OverlayRef, settings: HL7Settings, now: datetime
+) -> list[str]:
+    """PID, ORC, OBR, the order-level NTEs and the OBXs, in message order."""
     patient_id = _text(ds, "PatientID")
-    if patient_id:
-        _put(pid, "pid_3", "^".join([escape(patient_id), "", "", _assigning_authority(ds), "MR"]).rstrip("^"))
-    else:
-        _put(pid, "pid_3", "", required=True)
+    cx = "^".join([escape(patient_id), "", "", _assigning_authority(ds), "MR"]).rstrip("^") if patient_id else ""
     name = _person_name(ds, "PatientName")
+    xpn = ""
     if name is not None:
         # DICOM PN is family^given^middle^prefix^suffix; XPN is family^given^middle^suffix^prefix.
         xpn = _components(name.family_name, name.given_name, name.middle_name, name.name_suffix, name.name_prefix)
-        _put(pid, "pid_5", xpn, required=True)
-    else:
-        _put(pid, "pid_5", "", required=True)
-    _put(pid, "pid_7", da_tm_to_ts(_text(ds, "PatientBirthDate"), _text(ds, "PatientBirthTime")))
     sex = _text(ds, "PatientSex").strip().upper()
-    _put(pid, "pid_8", SEX_CODES.get(sex, "U") if sex else "")
+    pid = {
+        1: "1",
+        3: cx,
+        5: xpn,
+        7: da_tm_to_ts(_text(ds, "PatientBirthDate"), _text(ds, "PatientBirthTime")),
+        8: SEX_CODES.get(sex, "U") if sex else "",
+    }
+    segments = [_segment("PID", pid, required=(3, 5), composite=(3, 5, 7))]
 
-    order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
     accession = _text(ds, "AccessionNumber")
     placer = _placer_order_number(ds, accession)
-    orc = order.add_segment("ORC")
-    _put(orc, "orc_1", ORDER_CONTROL)
-    _put(orc, "orc_2", _components(placer))
-    _put(orc, "orc_3", _components(accession))
-    _put(orc, "orc_5", ORDER_STATUS)
-
-    obr = order.add_segment("OBR")
-    _put(obr, "obr_1", "1")
-    _put(obr, "obr_2", _components(placer))
-    _put(obr, "obr_3", _components(accession))
-    _put(obr, "obr_4", _code(_procedure_code(ds, settings)), required=True)
-    _put(obr, "obr_7", _observation_ts(ds))
-    _put(obr, "obr_18", _components(accession))
-    _put(obr, "obr_22", datetime_to_ts(now))
-    _put(obr, "obr_24", DIAGNOSTIC_SERVICE_SECTION)
-    _put(obr, "obr_25", RESULT_STATUS)
+    orc = {1: ORDER_CONTROL, 2: _components(placer), 3: _components(accession), 5: ORDER_STATUS}
+    segments.append(_segment("ORC", orc, composite=(2, 3)))
+    obr = {
+        1: "1",
+        2: _components(placer),
+        3: _components(accession),
+        4: _code(_procedure_code(ds, settings)),
+        7: _observation_ts(ds),
+        18: _components(accession),
+        22: datetime_to_ts(now),
+        24: DIAGNOSTIC_SERVICE_SECTION,
+        25: RESULT_STATUS,
+    }
+    segments.append(_segment("OBR", obr, required=(4,), composite=(2, 3, 4, 7, 22)))
 
     # Order-level notes: they qualify the whole result, not one OBX (HL7 places them right after OBR).
     notes = [AI_DISCLAIMER] + ([DEMO_LABEL] if result.is_demo else [])
     for i, text in enumerate(notes, start=1):
-        nte = order.add_segment("NTE")
-        _put(nte, "nte_1", str(i))
-        _put(nte, "nte_2", COMMENT_SOURCE)
-        _put(nte, "nte_3", _components(text))
+        segments.append(_segment("NTE", {1: str(i), 2: COMMENT_SOURCE, 3: _components(text)}))
 
     finding_text = f"{result.label} ({DEMO_LABEL})" if result.is_demo else result.label
-    set_id = 1
-    _obx(order, set_id, "CWE", OBS_FINDING, _components(result.label, finding_text, LOCAL_CODING_SYSTEM))
+    observations = [("CWE", OBS_FINDING, _components(result.label, finding_text, LOCAL_CODING_SYSTEM), "")]
+    units = _components(*UNITS_DIMENSIONLESS)
     for label, probability in result.probabilities.items():
-        set_id += 1
         identifier = Code(f"AIPROB.{label}", f"Probability of {label}", LOCAL_CODING_SYSTEM)
-        _obx(order, set_id, "NM", identifier, _number(probability), _components(*UNITS_DIMENSIONLESS))
-    set_id += 1
-    _obx(order, set_id, "ST", OBS_METHOD, _components(result.method))
-    set_id += 1
-    _obx(order, set_id, "ST", OBS_MODEL, _components(result.model_text))
+        observations.append(("NM", identifier, _number(probability), units))
     study_uid = overlay.study_instance_uid or _text(ds, "StudyInstanceUID")
-    set_id += 1
-    _obx(order, set_id, "ST", OBS_STUDY, _components(study_uid))
-    set_id += 1
-    _obx(order, set_id, "ST", OBS_SERIES, _components(overlay.series_instance_uid))
-    set_id += 1
-    _obx(order, set_id, "HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid))
-
+    observations += [
+        ("ST", OBS_METHOD, _components(result.method), ""),
+        ("ST", OBS_MODEL, _components(result.model_text), ""),
+        ("ST", OBS_STUDY, _components(study_uid), ""),
+        ("ST", OBS_SERIES, _components(overlay.series_instance_uid), ""),
+        ("HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid), ""),
+    ]
     if settings.include_image and overlay.png:
-        set_id += 1
         data = base64.b64encode(overlay.png).decode("ascii")  # the Base64 alphabet has no HL7 delimiters
-        _obx(order, set_id, "ED", OBS_OVERLAY, _components("", *ED_IMAGE_PNG, data))
+        observations.append(("ED", OBS_OVERLAY, _components("", *ED_IMAGE_PNG, data), ""))
+    segments += [_obx(i, *observation) for i, observation in enumerate(observations, start=1)]
+    return segments
