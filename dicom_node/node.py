@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pydicom.config
@@ -46,6 +47,7 @@ class Node:
         spool: Spool | None = None,
         queue: JobQueue | None = None,
         metrics: Metrics | None = None,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
@@ -67,11 +69,12 @@ class Node:
             self.worker = StagedWorker(
                 self.queue, self.spool, stages, batch_size=work.batch_size, batch_wait_ms=work.batch_wait_ms,
                 decode_threads=work.decode_threads, output_threads=work.output_threads, metrics=self.metrics,
+                warm_up=warm_up,
             )
         else:
             assert process_batch is not None
             self.worker = Worker(self.queue, self.spool, process_batch, batch_size=work.batch_size,
-                                 batch_wait_ms=work.batch_wait_ms, metrics=self.metrics)
+                                 batch_wait_ms=work.batch_wait_ms, metrics=self.metrics, warm_up=warm_up)
         self.http: MetricsServer | None = None
         self._stop_senders = threading.Event()
         self._sender_threads: dict[str, threading.Thread] = {}

@@ -301,4 +301,10 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
         {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
         else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
     )
-    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, **work)
+    def warm_up() -> None:
+        from explain import warm_up as trace_buckets
+
+        trace_buckets(processor.model, settings.worker.batch_size, method=settings.explain.method)
+
+    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
+                warm_up=warm_up if settings.worker.warm_up else None, **work)

@@ -96,6 +96,9 @@ class WorkerSettings(_Section):
     pipelined: bool = True
     decode_threads: int = Field(2, ge=1, le=64)
     output_threads: int = Field(2, ge=1, le=64)
+    # Trace the model pass for every batch-size bucket up to batch_size at start, before the first job (seconds
+    # for InceptionV3), instead of stalling the first partial batch of each size under load.
+    warm_up: bool = True
 
 
 class ServerTLSSettings(_Section):

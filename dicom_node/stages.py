@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,9 +69,10 @@ class StagedWorker(Worker):
         prefetch: int = 1,
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(queue_, spool, self._unused, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                         metrics=metrics, idle_poll_s=idle_poll_s)
+                         metrics=metrics, idle_poll_s=idle_poll_s, warm_up=warm_up)
         self._stages = stages
         self._decode_threads = max(1, decode_threads)
         self._output_threads = max(1, output_threads)

@@ -62,9 +62,11 @@ class Worker:
         batch_wait_ms: int = 50,
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self._warm_up = warm_up
         self._queue = queue
         self._spool = spool
         self._process_batch = process_batch
@@ -97,6 +99,13 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        if self._warm_up is not None:  # before the first claim: jobs that arrive meanwhile wait in the queue
+            started = time.perf_counter()
+            try:
+                self._warm_up()
+                LOG.info("model warm-up done in %.1f s", time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 (a failed warm-up only costs the first batches their tracing)
+                LOG.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
         while not self._stop.is_set():
             if not self._queue.wait_for_work(self._idle_poll_s):
                 continue

@@ -17,9 +17,11 @@ if TYPE_CHECKING:
         configure_device,
         explain,
         explainer_for,
+        warm_up,
     )
 
-__all__ = ["METHODS", "BaseCAM", "DeviceSetup", "Explanation", "configure_device", "explain", "explainer_for"]
+__all__ = ["METHODS", "BaseCAM", "DeviceSetup", "Explanation", "configure_device", "explain", "explainer_for",
+           "warm_up"]
 
 
 def __getattr__(name: str) -> Any:

@@ -370,6 +370,27 @@ def explain(
     return explainer_for(network, method, target_layer)(array, indices)
 
 
+def warm_up(
+    model: Any, max_batch: int, *, method: str = "gradcam", target_layer: str | None = None
+) -> tuple[int, ...]:
+    """Trace the pass for every batch-size bucket up to ``max_batch`` now, on zeros; returns the buckets.
+
+    Each bucket is traced on first use, and tracing costs far more than a pass (seconds of CPU for
+    InceptionV3): a server calls this at start so that the first partial batch under load does not stall.
+    """
+    network = getattr(model, "network", model)
+    if target_layer is None:
+        target_layer = getattr(model, "target_layer", None) if network is not model else None
+    shape = tuple(network.inputs[0].shape[1:])
+    if None in shape:  # a model that takes any size: the size it is fed (LoadedModel)
+        shape = (*model.input_size, model.channels)
+    explainer = explainer_for(network, method, target_layer)
+    buckets = tuple(sorted({_bucket(n) for n in range(1, min(max_batch, MAX_BUCKET) + 1)}))
+    for bucket in buckets:
+        explainer(np.zeros((bucket, *shape), dtype=np.float32), None)
+    return buckets
+
+
 @dataclass(frozen=True)
 class DeviceSetup:
     """What :func:`configure_device` found and set."""

@@ -567,3 +567,18 @@ def test_shortcut_through_a_nested_backbone(backend: ModuleType) -> None:
     np.testing.assert_array_equal(result.class_index, full.class_index)
     assert_maps_close(result.heatmaps, full.heatmaps.astype(np.float64))
     assert snapshot(nested) == state
+
+
+def test_warm_up_traces_every_bucket_up_to_the_batch_size_and_calls_then_trace_nothing(
+    demo_images: np.ndarray,
+) -> None:
+    keras.utils.set_random_seed(SEED)
+    network = build_demo_cnn()
+    assert explain.warm_up(network, 16) == (1, 2, 4, 8, 16)
+    explainer = explainer_for(network, "gradcam")
+    assert explainer.trace_count == 5
+    for size in (1, 3, 5, 16, 7, 2):
+        explain.explain(network, np.concatenate([demo_images] * 4)[:size])
+    assert explainer.trace_count == 5
+    assert explain.warm_up(network, 3, method="layercam") == (1, 2, 4)
+    assert explainer_for(network, "layercam").trace_count == 3

@@ -209,3 +209,32 @@ def test_jobs_claimed_ahead_do_not_count_an_attempt_until_their_preparation_star
     worker.stop()
     assert attempts[0] == 1  # its preparation started
     assert sum(attempts) == 1, attempts  # the other claimed jobs waited: no attempt counted
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["ok", "failing"])
+def test_warm_up_runs_before_the_first_claim_and_a_failing_one_does_not_stop_the_worker(
+    store: tuple[JobQueue, Spool], fails: bool
+) -> None:
+    queue, spool = store
+    stages = Recorder()
+    release = threading.Event()
+    claims_during_warm_up: list[int] = []
+
+    def warm_up() -> None:
+        release.wait(5)
+        claims_during_warm_up.append(queue.counts().get("processing", 0))
+        if fails:
+            raise RuntimeError("no")
+
+    ids = _add(queue, spool, [b"ok-1", b"ok-2"])
+    worker = StagedWorker(queue, spool, stages, batch_size=4, batch_wait_ms=0, warm_up=warm_up)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        assert queue.counts().get("pending", 0) == 2  # nothing claimed while warming up
+        release.set()
+        jobs = _wait_final(queue, ids)
+    finally:
+        worker.stop()
+    assert claims_during_warm_up == [0]
+    assert all(jobs[i].state is JobState.DONE for i in ids)
