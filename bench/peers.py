@@ -1,0 +1,135 @@
+"""The benchmarks' peers, each in its own process, as they would be on other machines.
+
+  python -m bench.peers sinks DIR      a DICOM sink (AE ``PACS``, SCs to DIR/pacs) and an MLLP receiver that ACKs
+                                       (ORUs to DIR/hl7); prints ``{"pacs": port, "hl7": port}`` and runs until
+                                       its standard input closes
+  python -m bench.peers send PORT AET FILE...
+                                       one association; prints ``ready`` once it is established, waits for a line
+                                       on standard input, sends every FILE by C-STORE (as stored: no decoding) and
+                                       prints ``{"start": t, "end": t, "ms": [reply time per C-STORE]}`` (monotonic
+                                       clock, comparable across processes on one machine)
+
+In the node's process they would share its GIL and skew what is measured: the node meets its peers over the
+network, not inside its interpreter. They still share the machine's cores, as a loopback benchmark must.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+
+def _sinks(directory: Path) -> int:
+    from dicom_node.dicom_sink import DicomSink
+    from dicom_node.hl7.sink import HL7Sink
+
+    pacs = DicomSink(directory / "pacs", ae_title="PACS")
+    ris = HL7Sink("127.0.0.1", 0, directory / "hl7")
+    pacs.start()
+    ris.start()
+    print(json.dumps({"pacs": pacs.port, "hl7": ris.port}), flush=True)
+    sys.stdin.read()  # until the benchmark closes our standard input
+    pacs.stop()
+    ris.stop()
+    return 0
+
+
+def _send(port: int, ae_title: str, files: list[str]) -> int:
+    import pydicom
+    from pynetdicom import AE
+
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ae = AE(ae_title="BENCHSCU")
+    ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, max_pdu=1_048_576)
+    if not assoc.is_established:
+        print(json.dumps({"error": "association refused"}), flush=True)
+        return 1
+    print("ready", flush=True)
+    sys.stdin.readline()
+    times: list[float] = []
+    errors: list[str] = []
+    start = time.monotonic()
+    for path in files:
+        t = time.monotonic()
+        status = assoc.send_c_store(path)
+        times.append((time.monotonic() - t) * 1e3)
+        if getattr(status, "Status", None) != 0:
+            errors.append(f"status {getattr(status, 'Status', None)}")
+    end = time.monotonic()
+    assoc.release()
+    print(json.dumps({"start": start, "end": end, "ms": times, "errors": errors}), flush=True)
+    return 0
+
+
+class Sinks:
+    """``bench.peers sinks`` as a child process; counts what it has received."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.peers", "sinks", str(directory)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        ports = json.loads(self._process.stdout.readline())
+        self.pacs_port, self.hl7_port = int(ports["pacs"]), int(ports["hl7"])
+
+    def received(self) -> tuple[int, int]:
+        """(SCs stored, ORUs acknowledged) so far."""
+        return (sum(1 for _ in (self.directory / "pacs").glob("*.dcm")),
+                sum(1 for _ in (self.directory / "hl7").glob("*.hl7")))
+
+    def stop(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(30)
+
+
+def push(port: int, ae_title: str, files: list[Path], senders: int) -> tuple[list[float], float, float]:
+    """Send ``files`` over ``senders`` associations, one process each, started together once all are ready.
+
+    Returns the C-STORE reply times (ms), and the ``time.monotonic()`` of the first C-STORE and of the last reply.
+    """
+    chunks = [files[i::senders] for i in range(senders) if files[i::senders]]
+    processes = [subprocess.Popen([sys.executable, "-m", "bench.peers", "send", str(port), ae_title,
+                                   *map(str, chunk)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for chunk in chunks]
+    for p in processes:
+        assert p.stdout is not None
+        if (line := p.stdout.readline().strip()) != "ready":
+            raise SystemExit(f"sender did not associate: {line}")
+    for p in processes:
+        _write_line(p.stdin)
+    reports = []
+    for p in processes:
+        out, _ = p.communicate(timeout=1800)
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    errors = [e for r in reports for e in r.get("errors", [])]
+    if errors:
+        raise SystemExit(f"C-STORE failures: {errors[:5]}")
+    times = [t for r in reports for t in r["ms"]]
+    return times, min(r["start"] for r in reports), max(r["end"] for r in reports)
+
+
+def _write_line(stream: IO[str] | None) -> None:
+    assert stream is not None
+    stream.write("go\n")
+    stream.flush()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["sinks"] and len(argv) == 2:
+        return _sinks(Path(argv[1]))
+    if argv[:1] == ["send"] and len(argv) >= 4:
+        return _send(int(argv[1]), argv[2], argv[3:])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench-peer"
+    raise SystemExit(main(sys.argv[1:]))
