@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -89,8 +90,11 @@ class Sinks:
         self._process.wait(30)
 
 
-def push(port: int, ae_title: str, files: list[Path], senders: int) -> tuple[list[float], float, float]:
-    """Send ``files`` over ``senders`` associations, one process each, started together once all are ready.
+def push(
+    port: int, ae_title: str, files: list[Path], senders: int, on_go: Callable[[], None] | None = None
+) -> tuple[list[float], float, float]:
+    """Send ``files`` over ``senders`` associations, one process each, started together once all are ready
+    (``on_go`` is called just before: the senders' start-up is not part of what is measured).
 
     Returns the C-STORE reply times (ms), and the ``time.monotonic()`` of the first C-STORE and of the last reply.
     """
@@ -102,6 +106,8 @@ def push(port: int, ae_title: str, files: list[Path], senders: int) -> tuple[lis
         assert p.stdout is not None
         if (line := p.stdout.readline().strip()) != "ready":
             raise SystemExit(f"sender did not associate: {line}")
+    if on_go is not None:
+        on_go()
     for p in processes:
         _write_line(p.stdin)
     reports = []

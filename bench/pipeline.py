@@ -199,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                 _wait(node, sinks, expected, 600)
                 stages.reset()
                 expected += args.n
-                cpu_before = _cpu_seconds()
-                times, first, last_reply = push(node.scp_port, settings.node.ae_title, files, args.senders)
+                cpu_at_go: list[tuple[float, float]] = []
+                times, first, last_reply = push(node.scp_port, settings.node.ae_title, files, args.senders,
+                                                on_go=lambda: cpu_at_go.append(_cpu_seconds()))
                 total, ingest_s = _wait(node, sinks, expected, 600) - first, last_reply - first
                 node_cpu, machine_cpu = (
-                    (after - before) * 1e3 / args.n for before, after in zip(cpu_before, _cpu_seconds())
+                    (after - before) * 1e3 / args.n for before, after in zip(cpu_at_go[0], _cpu_seconds())
                 )
                 samples = stages.reset()
                 per_image = total * 1e3 / args.n
