@@ -153,7 +153,10 @@ class Node:
         LOG.info("node %s stopped", self.settings.node.ae_title)
 
     def health(self) -> dict[str, Any]:
-        """``/healthz``: ok when the SCP listens and every thread is alive; queue depths by state."""
+        """``/healthz``: ok when the SCP listens and every thread is alive; queue depths by state.
+
+        ``model_ready`` is false while the model warms up at start: the node is up and queues what arrives.
+        """
         components = {
             "scp": self.scp.running,
             "worker": self.worker.alive,
@@ -164,6 +167,7 @@ class Node:
             outbox.setdefault(channel, {})[state] = n
         return {
             "ok": all(components.values()),
+            "model_ready": self.worker.model_ready.is_set(),
             "components": components,
             "jobs": self.queue.counts(),
             "outbox": outbox,

@@ -67,6 +67,7 @@ class Worker:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self._warm_up = warm_up
+        self.model_ready = threading.Event()  # set once the warm-up is over (at once without one)
         self._queue = queue
         self._spool = spool
         self._process_batch = process_batch
@@ -106,6 +107,7 @@ class Worker:
                 LOG.info("model warm-up done in %.1f s", time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 (a failed warm-up only costs the first batches their tracing)
                 LOG.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
+        self.model_ready.set()
         while not self._stop.is_set():
             if not self._queue.wait_for_work(self._idle_poll_s):
                 continue

@@ -183,6 +183,7 @@ class NodeProcess:
         self.lives += 1
         try:
             self._wait_echo(ready_timeout)
+            self._wait_model_ready(t + ready_timeout)
         except BaseException:
             self.kill()
             raise
@@ -208,6 +209,19 @@ class NodeProcess:
                 return
             time.sleep(0.2)
         raise AssertionError("node did not answer C-ECHO:\n" + self.log_tail())
+
+    def _wait_model_ready(self, deadline: float) -> None:
+        """Until this life's log says the model warm-up is over (worker.warm_up): load must meet a running model."""
+        marker = f"=== life {self.lives} ==="
+        while time.monotonic() < deadline:
+            text = self.layout.log.read_text(errors="replace")
+            if "model warm-up " in text[text.rfind(marker):]:
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise AssertionError("node did not finish its model warm-up:\n" + self.log_tail())
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when the power goes. Safe to call from any thread."""

@@ -110,7 +110,7 @@ def test_node_round_trip_with_metrics_and_health(tmp_path: Path, sink: DicomSink
 
         status, body = http_get(node.http_port, "/healthz")
         health = json.loads(body)
-        assert status == 200 and health["ok"] is True
+        assert status == 200 and health["ok"] is True and health["model_ready"] is True
         assert health["jobs"]["done"] == 1 and health["outbox"]["dicom"]["done"] == 1
         assert http_get(node.http_port, "/nope")[0] == 404
     outbox.close()

@@ -238,3 +238,20 @@ def test_warm_up_runs_before_the_first_claim_and_a_failing_one_does_not_stop_the
         worker.stop()
     assert claims_during_warm_up == [0]
     assert all(jobs[i].state is JobState.DONE for i in ids)
+
+
+def test_model_ready_is_set_after_the_warm_up_and_at_once_without_one(store: tuple[JobQueue, Spool]) -> None:
+    queue, spool = store
+    release = threading.Event()
+    worker = StagedWorker(queue, spool, Recorder(), batch_size=2, warm_up=lambda: release.wait(5) and None)
+    plain = StagedWorker(queue, spool, Recorder(), batch_size=2)
+    worker.start()
+    plain.start()
+    try:
+        assert plain.model_ready.wait(2)
+        assert not worker.model_ready.wait(0.3)
+        release.set()
+        assert worker.model_ready.wait(5)
+    finally:
+        worker.stop()
+        plain.stop()
