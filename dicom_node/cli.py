@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
 from dicom_node.errors import ConfigError, ModelError
 from dicom_node.settings import Settings, load_settings
+from dicom_node.tls import TLSFileError, server_context
 
 EXIT_OK = 0
 EXIT_FAILED_INPUTS = 1
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mode", choices=("AA", "AE", "AR"), default="AA", help="ACK code to answer with")
+    p.add_argument("--tls-cert", type=Path, help="MLLP over TLS: the sink's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="MLLP over TLS: the certificate's private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="MLLP over TLS: verify client certificates against these CAs")
+    p.add_argument("--tls-require-client-cert", action="store_true", help="mutual TLS (needs --tls-ca)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("config", help="print the effective configuration (after file, env and --set)")
@@ -65,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace, extra: list[str] | None = None) -> Settings:
     return load_settings(args.config, [*(extra or []), *args.overrides])
+
+
+def _sink_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The hl7-sink's TLS context from its --tls-* options; None for plain MLLP."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None or args.tls_require_client_cert:
+            raise TLSFileError("--tls-cert", "", "--tls-ca and --tls-require-client-cert need --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        missing = "--tls-key" if args.tls_key is None else "--tls-cert"
+        raise TLSFileError(missing, "", "--tls-cert and --tls-key go together")
+    return server_context(args.tls_cert, args.tls_key, ca_file=args.tls_ca,
+                          require_client_cert=args.tls_require_client_cert)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hl7-sink":
             from dicom_node.hl7.sink import run_sink_forever
 
-            run_sink_forever(args.host, args.port, args.out, args.mode)
+            run_sink_forever(args.host, args.port, args.out, args.mode, ssl_context=_sink_tls(args))
             return EXIT_OK
         if args.command == "config":
             print(_settings(args).model_dump_json(indent=2))
             return EXIT_OK
-    except ConfigError as exc:
+    except (ConfigError, TLSFileError) as exc:
         print(f"cxr-lens: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ModelError as exc:

@@ -11,6 +11,8 @@ import logging
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ from dicom_node.scu import DicomSender
 from dicom_node.settings import DestinationSettings, HL7Settings, NodeSettings, load_settings
 from dicom_node.store import JobQueue, Spool, jobs_path
 from dicom_node.tls import client_context, server_context
-from tests.peers import fake_secondary_capture, needs_binary, run_tool, sample
+from tests.peers import fake_secondary_capture, free_port, needs_binary, run_tool, sample
 from tests.tls_certs import CertFiles, make_pki
 from tests.node_harness import wait_until as _wait_until
 
@@ -343,6 +345,48 @@ def test_hl7_oru_over_tls_mllp_is_acknowledged(tmp_path: Path, pki: CertFiles) -
             with pytest.raises(MLLPError) as err:
                 send_message(LOCAL, sink.port, ORU, timeout_s=5, ssl_context=ctx)
             assert err.value.outcome == CONNECTION_FAILED
+
+
+def test_hl7_sink_command_speaks_mutual_tls(tmp_path: Path, pki: CertFiles) -> None:
+    """``cxr-lens hl7-sink --tls-*``: a real process that an engine's TLS client (ours here) can reach."""
+    port = free_port()
+    out = tmp_path / "hl7"
+    command = [sys.executable, "-m", "dicom_node.cli", "hl7-sink", "--port", str(port), "--out", str(out),
+               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca),
+               "--tls-require-client-cert"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_until(lambda: _accepts(port) or process.poll() is not None, 30)
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        send_message(LOCAL, port, ORU, timeout_s=5, ssl_context=peer_context(pki, with_cert=True))
+        (stored,) = out.glob("*.hl7")
+        assert stored.read_bytes() == ORU.encode()
+        with pytest.raises(MLLPError):  # no client certificate: refused
+            send_message(LOCAL, port, ORU, timeout_s=5, ssl_context=peer_context(pki))
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.parametrize("options", [["--tls-cert", "CERT"], ["--tls-ca", "CA"], ["--tls-cert", "CERT",
+                                                                                 "--tls-key", "MISSING"]])
+def test_hl7_sink_command_tls_option_errors_exit_3(
+    tmp_path: Path, pki: CertFiles, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    values = {"CERT": str(pki.server_cert), "CA": str(pki.ca), "MISSING": str(tmp_path / "missing.pem")}
+    argv = ["hl7-sink", "--port", "0", "--out", str(tmp_path / "hl7"), *(values.get(o, o) for o in options)]
+    assert main(argv) == EXIT_CONFIG
+    assert "cxr-lens: configuration error:" in capsys.readouterr().err
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((LOCAL, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 # --- PDU length guard ----------------------------------------------------------------------------------------

@@ -164,11 +164,17 @@ class HL7Sink:
 
 
 def run_sink_forever(
-    host: str, port: int, out_dir: Path | str, mode: SinkMode = "AA", *, stop: threading.Event | None = None
+    host: str,
+    port: int,
+    out_dir: Path | str,
+    mode: SinkMode = "AA",
+    *,
+    stop: threading.Event | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run an :class:`HL7Sink` until ``stop`` is set or the process is interrupted (Ctrl-C)."""
     stop = stop or threading.Event()
-    with HL7Sink(host, port, out_dir, mode):
+    with HL7Sink(host, port, out_dir, mode, ssl_context=ssl_context):
         try:
             while not stop.wait(_POLL_S):
                 pass
