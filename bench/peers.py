@@ -16,6 +16,7 @@ network, not inside its interpreter. They still share the machine's cores, as a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -52,7 +53,9 @@ def _send(port: int, ae_title: str, files: list[str]) -> int:
         print(json.dumps({"error": "association refused"}), flush=True)
         return 1
     print("ready", flush=True)
-    sys.stdin.readline()
+    if not sys.stdin.readline():  # the benchmark went away (or gave up): send nothing
+        assoc.abort()
+        return 1
     times: list[float] = []
     errors: list[str] = []
     start = time.monotonic()
@@ -76,18 +79,32 @@ class Sinks:
         self._process = subprocess.Popen([sys.executable, "-m", "bench.peers", "sinks", str(directory)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._process.stdout is not None
-        ports = json.loads(self._process.stdout.readline())
+        line = self._process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the sinks process ended at start (exit {self._process.wait()})")
+        ports = json.loads(line)
         self.pacs_port, self.hl7_port = int(ports["pacs"]), int(ports["hl7"])
 
     def received(self) -> tuple[int, int]:
         """(SCs stored, ORUs acknowledged) so far."""
-        return (sum(1 for _ in (self.directory / "pacs").glob("*.dcm")),
-                sum(1 for _ in (self.directory / "hl7").glob("*.hl7")))
+        return _count(self.directory / "pacs", ".dcm"), _count(self.directory / "hl7", ".hl7")
 
     def stop(self) -> None:
         assert self._process.stdin is not None
         self._process.stdin.close()
-        self._process.wait(30)
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _count(directory: Path, suffix: str) -> int:
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for e in entries if e.name.endswith(suffix))
+    except FileNotFoundError:
+        return 0
 
 
 def push(
@@ -102,18 +119,24 @@ def push(
     processes = [subprocess.Popen([sys.executable, "-m", "bench.peers", "send", str(port), ae_title,
                                    *map(str, chunk)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                  for chunk in chunks]
-    for p in processes:
-        assert p.stdout is not None
-        if (line := p.stdout.readline().strip()) != "ready":
-            raise SystemExit(f"sender did not associate: {line}")
-    if on_go is not None:
-        on_go()
-    for p in processes:
-        _write_line(p.stdin)
-    reports = []
-    for p in processes:
-        out, _ = p.communicate(timeout=1800)
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for p in processes:
+            assert p.stdout is not None
+            if (line := p.stdout.readline().strip()) != "ready":
+                raise SystemExit(f"sender did not associate: {line}")
+        if on_go is not None:
+            on_go()
+        for p in processes:
+            _write_line(p.stdin)
+        reports = []
+        for p in processes:
+            out, _ = p.communicate(timeout=1800)
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in processes:  # on any failure above: no sender may go on sending after we are gone
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     errors = [e for r in reports for e in r.get("errors", [])]
     if errors:
         raise SystemExit(f"C-STORE failures: {errors[:5]}")

@@ -124,6 +124,9 @@ def warn_if_open(name: str, allowed_calling_aets: Iterable[str], allowed_network
         LOG.warning("%s: access is open: %s", name, "; ".join(open_checks))
 
 
+_FIRST_READ = 1 << 20  # bytes: the receive buffer's first size (see _PduLengthGuard._recv_exact)
+
+
 class _PduLengthGuard(AssociationSocket):
     """An :class:`AssociationSocket` that reads a PDU's body only when the header declares an acceptable length."""
 
@@ -164,20 +167,23 @@ class _PduLengthGuard(AssociationSocket):
         Written here because pynetdicom reads in 4 KiB pieces: a 7 MB radiograph is ~1,800 ``recv`` calls, each
         giving up the GIL and waiting up to the switch interval (5 ms) to get it back while the node's other
         threads are busy. Measured on the 2-core node under load, that wait, not the bytes, set the C-STORE
-        reply time. Here one ``recv_into`` takes whatever the kernel holds, up to the whole PDU.
+        reply time. Here each ``recv_into`` takes whatever the kernel holds. The buffer grows (doubling, from
+        1 MiB) only as bytes arrive, so a header that declares a huge length (``node.max_pdu = 0``: no limit)
+        costs memory only for what the peer actually sends.
         """
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, _FIRST_READ))
         read = 0
-        with view:
-            while read < nr_bytes:
-                n = sock.recv_into(view[read:], nr_bytes - read)
-                if not n:  # closed by the peer: return what arrived, as pynetdicom does
-                    break
-                read += n
-        if read < nr_bytes:
+        while read < nr_bytes:
+            if read == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - read, len(buffer))))
+            with memoryview(buffer) as view:
+                n = sock.recv_into(view[read:], len(buffer) - read)
+            if not n:  # closed by the peer: return what arrived, as pynetdicom does
+                break
+            read += n
+        if read < len(buffer):
             del buffer[read:]
         return buffer
 

@@ -77,13 +77,16 @@ def _sink_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The hl7-sink's TLS context from its --tls-* options; None for plain MLLP."""
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_ca is not None or args.tls_require_client_cert:
-            raise TLSFileError("--tls-cert", "", "--tls-ca and --tls-require-client-cert need --tls-cert and --tls-key")
+            raise ConfigError("--tls-ca and --tls-require-client-cert need --tls-cert and --tls-key")
         return None
     if args.tls_cert is None or args.tls_key is None:
-        missing = "--tls-key" if args.tls_key is None else "--tls-cert"
-        raise TLSFileError(missing, "", "--tls-cert and --tls-key go together")
-    return server_context(args.tls_cert, args.tls_key, ca_file=args.tls_ca,
-                          require_client_cert=args.tls_require_client_cert)
+        raise ConfigError("--tls-cert and --tls-key go together")
+    try:
+        return server_context(args.tls_cert, args.tls_key, ca_file=args.tls_ca,
+                              require_client_cert=args.tls_require_client_cert)
+    except TLSFileError as exc:  # it names the setting (cert_file, key_file, ca_file): say the option instead
+        option = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}.get(exc.key, exc.key)
+        raise ConfigError(f"{option}: {str(exc).removeprefix(exc.key).strip()}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(_settings(args).model_dump_json(indent=2))
             return EXIT_OK
-    except (ConfigError, TLSFileError) as exc:
+    except ConfigError as exc:
         print(f"cxr-lens: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ModelError as exc:

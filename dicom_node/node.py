@@ -47,7 +47,7 @@ class Node:
         spool: Spool | None = None,
         queue: JobQueue | None = None,
         metrics: Metrics | None = None,
-        warm_up: Callable[[], None] | None = None,
+        warm_up: Callable[[Callable[[], bool]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()

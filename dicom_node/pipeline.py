@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -301,10 +302,11 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
         {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
         else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
     )
-    def warm_up() -> None:
+    def warm_up(should_stop: Callable[[], bool]) -> None:
         from explain import warm_up as trace_buckets
 
-        trace_buckets(processor.model, settings.worker.batch_size, method=settings.explain.method)
+        trace_buckets(processor.model, settings.worker.batch_size, method=settings.explain.method,
+                      should_stop=should_stop)
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
                 warm_up=warm_up if settings.worker.warm_up else None, **work)

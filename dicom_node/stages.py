@@ -69,7 +69,7 @@ class StagedWorker(Worker):
         prefetch: int = 1,
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
-        warm_up: Callable[[], None] | None = None,
+        warm_up: Callable[[Callable[[], bool]], None] | None = None,
     ) -> None:
         super().__init__(queue_, spool, self._unused, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                          metrics=metrics, idle_poll_s=idle_poll_s, warm_up=warm_up)

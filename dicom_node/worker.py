@@ -62,7 +62,7 @@ class Worker:
         batch_wait_ms: int = 50,
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
-        warm_up: Callable[[], None] | None = None,
+        warm_up: Callable[[Callable[[], bool]], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -82,6 +82,7 @@ class Worker:
         if self._thread is not None:
             return
         self._stop.clear()
+        self.model_ready.clear()
         self._thread = threading.Thread(target=self._run, name="cxr-lens-worker", daemon=True)
         self._thread.start()
 
@@ -103,10 +104,12 @@ class Worker:
         if self._warm_up is not None:  # before the first claim: jobs that arrive meanwhile wait in the queue
             started = time.perf_counter()
             try:
-                self._warm_up()
+                self._warm_up(self._stop.is_set)  # it stops between batch sizes once stop() is called
                 LOG.info("model warm-up done in %.1f s", time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 (a failed warm-up only costs the first batches their tracing)
                 LOG.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
+            finally:
+                self.model_ready.set()
         self.model_ready.set()
         while not self._stop.is_set():
             if not self._queue.wait_for_work(self._idle_poll_s):

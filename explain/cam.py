@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -382,12 +382,18 @@ def explain(
 
 
 def warm_up(
-    model: Any, max_batch: int, *, method: str = "gradcam", target_layer: str | None = None
+    model: Any,
+    max_batch: int,
+    *,
+    method: str = "gradcam",
+    target_layer: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[int, ...]:
-    """Trace the pass for every batch-size bucket up to ``max_batch`` now, on zeros; returns the buckets.
+    """Trace the pass for every batch-size bucket up to ``max_batch`` now, on zeros; returns the buckets traced.
 
     Each bucket is traced on first use, and tracing costs far more than a pass (seconds of CPU for
     InceptionV3): a server calls this at start so that the first partial batch under load does not stall.
+    ``should_stop`` is asked before each bucket (a server that is told to stop meanwhile).
     """
     network = getattr(model, "network", model)
     if target_layer is None:
@@ -396,10 +402,13 @@ def warm_up(
     if None in shape:  # a model that takes any size: the size it is fed (LoadedModel)
         shape = (*model.input_size, model.channels)
     explainer = explainer_for(network, method, target_layer)
-    buckets = tuple(sorted({_bucket(n) for n in range(1, min(max_batch, MAX_BUCKET) + 1)}))
-    for bucket in buckets:
+    traced = []
+    for bucket in sorted({_bucket(n) for n in range(1, min(max_batch, MAX_BUCKET) + 1)}):
+        if should_stop is not None and should_stop():
+            break
         explainer(np.zeros((bucket, *shape), dtype=np.float32), None)
-    return buckets
+        traced.append(bucket)
+    return tuple(traced)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -390,6 +392,45 @@ def _accepts(port: int) -> bool:
 
 
 # --- PDU length guard ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 10, 1 << 20, (1 << 20) + 1, 10_000_000])
+def test_pdu_reads_return_exactly_what_was_declared(size: int) -> None:
+    from dicom_node.acceptor import _PduLengthGuard
+
+    ours, peer = socket.socketpair()
+    guard = _PduLengthGuard.__new__(_PduLengthGuard)
+    guard.socket = ours
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    writer = threading.Thread(target=lambda: (peer.sendall(data + b"next PDU"), peer.close()))
+    writer.start()
+    try:
+        assert guard._recv_exact(size) == data
+        assert guard._recv_exact(8) == b"next PDU"
+        assert guard._recv_exact(6) == bytearray()  # closed: what arrived, as pynetdicom's recv
+    finally:
+        writer.join()
+        ours.close()
+
+
+def test_a_huge_declared_length_costs_memory_only_for_the_bytes_sent() -> None:
+    """node.max_pdu = 0 lets any P-DATA length through the guard: the buffer must grow with the data."""
+    from dicom_node.acceptor import _PduLengthGuard
+
+    ours, peer = socket.socketpair()
+    guard = _PduLengthGuard.__new__(_PduLengthGuard)
+    guard.socket = ours
+    peer.sendall(b"x" * 3000)
+    peer.close()
+    tracemalloc.start()
+    try:
+        received = guard._recv_exact(4_000_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        ours.close()
+    assert len(received) == 3000
+    assert peak < 8 << 20, f"peak {peak} bytes for 3000 received"
 
 
 def _item(item_type: int, payload: bytes) -> bytes:

@@ -582,3 +582,11 @@ def test_warm_up_traces_every_bucket_up_to_the_batch_size_and_calls_then_trace_n
     assert explainer.trace_count == 5
     assert explain.warm_up(network, 3, method="layercam") == (1, 2, 4)
     assert explainer_for(network, "layercam").trace_count == 3
+    asked: list[bool] = []
+
+    def stop_after_one_bucket() -> bool:
+        asked.append(bool(asked))
+        return asked[-1]
+
+    assert explain.warm_up(network, 16, method="hirescam", should_stop=stop_after_one_bucket) == (1,)
+    assert explainer_for(network, "hirescam").trace_count == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,8 @@ def test_warm_up_runs_before_the_first_claim_and_a_failing_one_does_not_stop_the
     release = threading.Event()
     claims_during_warm_up: list[int] = []
 
-    def warm_up() -> None:
+    def warm_up(should_stop: Callable[[], bool]) -> None:
+        assert not should_stop()
         release.wait(5)
         claims_during_warm_up.append(queue.counts().get("processing", 0))
         if fails:
@@ -243,7 +244,7 @@ def test_warm_up_runs_before_the_first_claim_and_a_failing_one_does_not_stop_the
 def test_model_ready_is_set_after_the_warm_up_and_at_once_without_one(store: tuple[JobQueue, Spool]) -> None:
     queue, spool = store
     release = threading.Event()
-    worker = StagedWorker(queue, spool, Recorder(), batch_size=2, warm_up=lambda: release.wait(5) and None)
+    worker = StagedWorker(queue, spool, Recorder(), batch_size=2, warm_up=lambda _: release.wait(5) and None)
     plain = StagedWorker(queue, spool, Recorder(), batch_size=2)
     worker.start()
     plain.start()
@@ -255,3 +256,26 @@ def test_model_ready_is_set_after_the_warm_up_and_at_once_without_one(store: tup
     finally:
         worker.stop()
         plain.stop()
+
+
+def test_stop_during_the_warm_up_ends_it_and_claims_nothing(store: tuple[JobQueue, Spool]) -> None:
+    queue, spool = store
+    traced: list[int] = []
+
+    def warm_up(should_stop: Callable[[], bool]) -> None:  # like explain.warm_up: asks before each bucket
+        for bucket in (1, 2, 4, 8, 16):
+            if should_stop():
+                return
+            traced.append(bucket)
+            time.sleep(0.2)
+
+    ids = _add(queue, spool, [b"ok-1"])
+    worker = StagedWorker(queue, spool, Recorder(), batch_size=16, batch_wait_ms=0, warm_up=warm_up)
+    worker.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    worker.stop(timeout=5)
+    assert time.monotonic() - started < 1.0
+    assert 1 <= len(traced) < 5
+    assert worker.model_ready.is_set()
+    assert queue.get(ids[0]).state is JobState.PENDING  # left for the next start
