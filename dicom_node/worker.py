@@ -110,7 +110,8 @@ class Worker:
                 LOG.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
             finally:
                 self.model_ready.set()
-        self.model_ready.set()
+        else:
+            self.model_ready.set()
         while not self._stop.is_set():
             if not self._queue.wait_for_work(self._idle_poll_s):
                 continue

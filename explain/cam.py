@@ -358,6 +358,14 @@ def _checked_images(images: Any, expected: tuple[int | None, ...]) -> np.ndarray
     return array.astype(np.float32, copy=False)
 
 
+def _explainer_of(model: Any, method: str, target_layer: str | None) -> BaseCAM:
+    """The explainer for a Keras model or a ``LoadedModel`` (whose ``target_layer`` is the default target)."""
+    network = getattr(model, "network", model)
+    if target_layer is None:
+        target_layer = getattr(model, "target_layer", None) if network is not model else None
+    return explainer_for(network, method, target_layer)
+
+
 def explain(
     model: Any,
     images: np.ndarray,
@@ -372,10 +380,7 @@ def explain(
     ``.target_layer`` is the default target). ``class_index``: None (the predicted class), an int, or one per
     image. ``target_layer``: a layer name or nested path; None/"auto" picks the last 4-D map above 1x1.
     """
-    network = getattr(model, "network", model)
-    if target_layer is None:
-        target_layer = getattr(model, "target_layer", None) if network is not model else None
-    explainer = explainer_for(network, method, target_layer)
+    explainer = _explainer_of(model, method, target_layer)
     array = _checked_images(images, explainer.input_shape)
     indices = _class_indices(class_index, array.shape[0], explainer.num_classes)
     return explainer(array, indices)
@@ -395,13 +400,10 @@ def warm_up(
     InceptionV3): a server calls this at start so that the first partial batch under load does not stall.
     ``should_stop`` is asked before each bucket (a server that is told to stop meanwhile).
     """
-    network = getattr(model, "network", model)
-    if target_layer is None:
-        target_layer = getattr(model, "target_layer", None) if network is not model else None
-    shape = tuple(network.inputs[0].shape[1:])
+    explainer = _explainer_of(model, method, target_layer)
+    shape = explainer.input_shape
     if None in shape:  # a model that takes any size: the size it is fed (LoadedModel)
         shape = (*model.input_size, model.channels)
-    explainer = explainer_for(network, method, target_layer)
     traced = []
     for bucket in sorted({_bucket(n) for n in range(1, min(max_batch, MAX_BUCKET) + 1)}):
         if should_stop is not None and should_stop():
