@@ -448,42 +448,35 @@ class RetryingModality:
 # --- the peers ---------------------------------------------------------------------------------------------
 
 
-class _PACS(DicomSink):
-    """The DICOM sink, plus a hook run after an SC is stored and before the status goes back.
-
-    ``delay_s`` makes it a slow PACS, so that SCs queue up in the node's outbox.
-    """
+class _Hooked:
+    """A peer's hook, run after it stores an item and before its answer goes back; ``delay_s`` slows it down,
+    so that the node's outbox queues up."""
 
     after_store: Hook | None = None
     delay_s: float = 0.0
+
+    def _stored_then_hook(self, store: Callable[[], Any]) -> Any:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        answer = store()
+        hook = self.after_store  # read once: the test may disarm it meanwhile
+        if hook is not None and hook():
+            self.after_store = None
+        return answer
+
+
+class _PACS(_Hooked, DicomSink):
+    """The DICOM sink, with the hook run after an SC is stored and before the status goes back."""
 
     def _handle_store(self, event: Event) -> int:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        status = super()._handle_store(event)
-        hook = self.after_store  # read once: the test may disarm it meanwhile
-        if hook is not None and hook():
-            self.after_store = None
-        return status
+        return self._stored_then_hook(lambda: super(_PACS, self)._handle_store(event))
 
 
-class _Receiver(HL7Sink):
-    """The MLLP sink, plus a hook run after a message is stored and before its ACK goes back.
-
-    ``delay_s`` makes it a slow receiver, so that ORUs queue up in the node's outbox.
-    """
-
-    after_store: Hook | None = None
-    delay_s: float = 0.0
+class _Receiver(_Hooked, HL7Sink):
+    """The MLLP sink, with the hook run after a message is stored and before its ACK goes back."""
 
     def receive(self, data: bytes) -> str:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        ack = super().receive(data)
-        hook = self.after_store  # read once: the test may disarm it meanwhile
-        if hook is not None and hook():
-            self.after_store = None
-        return ack
+        return self._stored_then_hook(lambda: super(_Receiver, self).receive(data))
 
 
 class Peers:
