@@ -12,6 +12,10 @@ also defines :meth:`BaseCAM.weights_from_sums`. When ``A`` feeds only a global a
 
 The pass is traced once per batch-size bucket (powers of two up to :data:`MAX_BUCKET`): a batch is padded up
 to its bucket and the results sliced, so a worker that sees batches of 1..16 compiles at most five graphs.
+Explaining the predicted class (what the node does) is one traced entry point with the images as its only
+input; naming classes traces a second one per bucket, on first use. Either returns its three results packed in
+one vector (see :func:`_pack`): for a small network at batch 1, each extra input or output of a traced call
+costs about a percent of the pass.
 """
 
 from __future__ import annotations
@@ -82,8 +86,13 @@ class BaseCAM:
         self.input_shape: tuple[int | None, ...] = tuple(network.inputs[0].shape)[1:]
         self.num_classes: int = int(tuple(network.outputs[0].shape)[-1])
         self._network = weakref.ref(network)
-        self._function = tf.function(self._pass, autograph=False)
-        self._concrete: dict[tuple[int, ...], tuple[Any, tf.Tensor]] = {}
+        # Two traced entry points with required arguments only: a ConcreteFunction traced from one method with an
+        # optional argument (class_index=None) was measured ~0.7 ms slower per call (~25% of the demo CNN's pass).
+        self._predicted_function = tf.function(self._pass_predicted, autograph=False)
+        self._classes_function = tf.function(self._pass_classes, autograph=False)
+        self._concrete: dict[tuple[tuple[int, ...], bool], tuple[Any, tuple[int, int] | None]] = {}
+        # Heatmap (h, w) per traced input shape; None where it is only known when the pass runs (see _pack).
+        self._map_shapes: dict[tuple[int, ...], tuple[int, int] | None] = {}
         self._lock = threading.Lock()
         self.trace_count = 0
         # Set by each trace: whether the pass read the weights from the pooled gradient (the same for all buckets).
@@ -118,7 +127,18 @@ class BaseCAM:
             raise RuntimeError("the network this explainer was built for no longer exists")
         return network
 
-    def _pass(self, images: tf.Tensor, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _pass_predicted(self, images: tf.Tensor) -> tf.Tensor:
+        return self._packed_pass(images, None)
+
+    def _pass_classes(self, images: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
+        return self._packed_pass(images, class_index)
+
+    def _packed_pass(self, images: tf.Tensor, class_index: tf.Tensor | None) -> tf.Tensor:
+        packed, map_shape = _pack(*self._pass(images, class_index))
+        self._map_shapes[tuple(images.shape)] = map_shape
+        return packed
+
+    def _pass(self, images: tf.Tensor, class_index: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         # Python here runs only while tracing; the hooks it installs are gone before the graph ever runs.
         self.trace_count += 1
         network = self._network_or_raise()
@@ -134,16 +154,20 @@ class BaseCAM:
         ):
             with capture(target, head, tape, pooling, None if pooling is None else pooled_tape) as captured:
                 probabilities = network(images, training=False)
-            if captured.activations is None:
-                raise RuntimeError(f"target layer {self.target_layer!r} was not called by the network")
-            logits = probabilities if head.kind is HeadKind.OUTPUT else captured.logits
-            if logits is None:
-                raise RuntimeError(f"the final layer {head.layer.name!r} did not apply its activation")
-            predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-            chosen = tf.where(class_index == _NO_CLASS, predicted, class_index)
-            # Images are independent (training=False), so d(sum_b y_b)/dA_b = dy_b/dA_b.
-            one_hot = tf.one_hot(chosen, tf.shape(logits)[-1], dtype=logits.dtype)
-            score = tf.reduce_sum(logits * one_hot)
+        if captured.activations is None:
+            raise RuntimeError(f"target layer {self.target_layer!r} was not called by the network")
+        logits = probabilities if head.kind is HeadKind.OUTPUT else captured.logits
+        if logits is None:
+            raise RuntimeError(f"the final layer {head.layer.name!r} did not apply its activation")
+        # "Explain the predicted class" is traced without a class input (the common case): no input to feed and
+        # no select in the graph, ~2% of the demo CNN's batch-1 pass on CPU.
+        chosen = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        if class_index is not None:
+            chosen = tf.where(class_index == _NO_CLASS, chosen, class_index)
+        # y^c summed over the batch, through its gradient: d(sum_b y_b[c_b])/dlogits is the one-hot of the chosen
+        # classes, given as the seed of the backward pass instead of building the sum (and its gradient) in the
+        # graph. Images are independent (training=False), so d(sum_b y_b)/dA_b = dy_b/dA_b.
+        one_hot = tf.one_hot(chosen, tf.shape(logits)[-1], dtype=logits.dtype)
         activations = tf.cast(captured.activations, tf.float32)
         if pooling is not None and captured.pooled is not None:
             self.gradient_source = GradientSource.POOLED
@@ -155,76 +179,112 @@ class BaseCAM:
                 pooling.layer.name,
             )
             weights = self.weights_from_sums(
-                tf.cast(self._gradient(pooled_tape, score, captured.pooled), tf.float32), _area(activations)
+                tf.cast(self._gradient(pooled_tape, logits, one_hot, captured.pooled), tf.float32),
+                _area(activations),
             )
         else:
             self.gradient_source = GradientSource.FEATURE_MAPS
-            gradients = tf.cast(self._gradient(tape, score, captured.activations), tf.float32)
+            gradients = tf.cast(self._gradient(tape, logits, one_hot, captured.activations), tf.float32)
             weights = self.weights(activations, gradients)
         heatmaps = self.combine(activations, weights)
         return tf.cast(probabilities, tf.float32), chosen, heatmaps
 
-    def _gradient(self, tape: tf.GradientTape, score: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
-        gradient = tape.gradient(score, source)
+    def _gradient(self, tape: tf.GradientTape, logits: tf.Tensor, one_hot: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
+        """``d(sum_b y_b[c_b]) / d source``, the backward pass seeded with the one-hot of the chosen classes."""
+        gradient = tape.gradient(logits, source, output_gradients=one_hot)
         if gradient is None:
             raise ValueError(f"the class score does not depend on target layer {self.target_layer!r}")
         return gradient
 
-    def _compiled(self, shape: tuple[int, ...]) -> tuple[Any, tf.Tensor]:
-        """The concrete pass for a padded input shape, and its "explain the predicted class" index tensor.
+    def _compiled(self, shape: tuple[int, ...], with_classes: bool) -> tuple[Any, tuple[int, int] | None]:
+        """The concrete pass for a padded input shape, and its heatmaps' (h, w) if known when traced.
 
-        The index tensor is made once per bucket: converting a fresh one on every call cost ~4% of the demo CNN's
-        forward pass at batch 1 on CPU.
+        ``with_classes``: the pass also takes a class index per image. The pass without (explain the predicted
+        class) is what the node and the warm-up use; one with class input is traced only when a caller names
+        classes.
         """
-        compiled = self._concrete.get(shape)  # lock-free when traced already (a dict read is atomic)
+        key = (shape, with_classes)
+        compiled = self._concrete.get(key)  # lock-free when traced already (a dict read is atomic)
         if compiled is not None:
             return compiled
         with self._lock:
-            compiled = self._concrete.get(shape)
+            compiled = self._concrete.get(key)
             if compiled is None:
                 logger.debug("tracing %s on %s for input %s", self.name, self.target_layer, shape)
-                function = self._function.get_concrete_function(
-                    tf.TensorSpec(shape, tf.float32), tf.TensorSpec(shape[:1], tf.int32)
-                )
-                compiled = (function, tf.constant(np.full(shape[:1], _NO_CLASS, dtype=np.int32)))
-                self._concrete[shape] = compiled
+                images = tf.TensorSpec(shape, tf.float32)
+                if with_classes:
+                    function = self._classes_function.get_concrete_function(images, tf.TensorSpec(shape[:1], tf.int64))
+                else:
+                    function = self._predicted_function.get_concrete_function(images)
+                compiled = (function, self._map_shapes[shape])
+                self._concrete[key] = compiled
             return compiled
 
     def __call__(self, images: np.ndarray, class_index: np.ndarray | None = None) -> Explanation:
-        """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) int32, -1 or None for "predicted"."""
-        batch = images.shape[0]
-        chunks = [
-            self._run(
-                images[start : start + MAX_BUCKET],
-                None if class_index is None else class_index[start : start + MAX_BUCKET],
-            )
-            for start in range(0, batch, MAX_BUCKET)
-        ]
-        probabilities, chosen, heatmaps = (
-            chunks[0] if len(chunks) == 1 else tuple(np.concatenate(part) for part in zip(*chunks, strict=True))
-        )
-        return Explanation(
-            probabilities=_frozen(probabilities),
-            class_index=_frozen(chosen.astype(np.int64)),
-            heatmaps=_frozen(heatmaps),
-            method=self.name,
-            target_layer=self.target_layer,
-        )
+        """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) int64, -1 or None for "predicted"."""
+        if images.shape[0] <= MAX_BUCKET:
+            probabilities, chosen, heatmaps = self._run(images, class_index)  # read-only already
+        else:
+            chunks = [
+                self._run(
+                    images[start : start + MAX_BUCKET],
+                    None if class_index is None else class_index[start : start + MAX_BUCKET],
+                )
+                for start in range(0, images.shape[0], MAX_BUCKET)
+            ]
+            probabilities, chosen, heatmaps = (_frozen(np.concatenate(part)) for part in zip(*chunks, strict=True))
+        return Explanation(probabilities, chosen, heatmaps, self.name, self.target_layer)
 
     def _run(self, images: np.ndarray, class_index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One chunk of at most MAX_BUCKET images: pad up to the bucket, run the pass, slice the padding off."""
         size = images.shape[0]
         padding = _bucket(size) - size
-        function, predicted = self._compiled((size + padding, *images.shape[1:]))
+        function, map_shape = self._compiled((size + padding, *images.shape[1:]), class_index is not None)
         if padding:
             images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
         if class_index is None:
-            indices = predicted
+            packed = function(tf.constant(images))
         else:
-            indices = tf.constant(np.concatenate([class_index, np.full(padding, _NO_CLASS, dtype=np.int32)]))
-        outputs = function(tf.constant(images), indices)
-        probabilities, chosen, heatmaps = (output.numpy()[:size] for output in outputs)
-        return probabilities, chosen, heatmaps
+            classes = np.concatenate([class_index, np.full(padding, _NO_CLASS, dtype=np.int64)])
+            packed = function(tf.constant(images), tf.constant(classes))
+        return _unpack(packed.numpy(), size + padding, self.num_classes, map_shape, size)
+
+
+def _pack(
+    probabilities: tf.Tensor, chosen: tf.Tensor, heatmaps: tf.Tensor
+) -> tuple[tf.Tensor, tuple[int, int] | None]:
+    """The pass's three results as one float32 vector ``[probabilities | heatmaps | class index]``, flattened.
+
+    One output instead of three: every output of a traced call costs a host conversion and structure packing,
+    ~1% of the demo CNN's batch-1 pass on CPU. Class indices are exact in float32 (below 2^24 classes). Also
+    returns the heatmaps' static (h, w); where the graph does not know it, ``[h, w]`` is appended to the vector.
+    """
+    parts = [tf.reshape(probabilities, [-1]), tf.reshape(heatmaps, [-1]), tf.cast(chosen, tf.float32)]
+    height, width = heatmaps.shape[1:]
+    if height is not None and width is not None:
+        return tf.concat(parts, axis=0), (int(height), int(width))
+    return tf.concat([*parts, tf.cast(tf.shape(heatmaps)[1:], tf.float32)], axis=0), None
+
+
+def _unpack(
+    flat: np.ndarray, batch: int, num_classes: int, map_shape: tuple[int, int] | None, keep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split a :func:`_pack` result of ``batch`` images back into its three arrays, keeping the first ``keep``.
+
+    The arrays are read-only: the probabilities and heatmaps are views of ``flat``, made read-only first.
+    """
+    flat.setflags(write=False)
+    if map_shape is None:
+        map_shape = (int(flat[-2]), int(flat[-1]))
+        flat = flat[:-2]
+    end_probabilities = batch * num_classes
+    end_heatmaps = flat.size - batch
+    probabilities = flat[:end_probabilities].reshape(batch, num_classes)
+    heatmaps = flat[end_probabilities:end_heatmaps].reshape(batch, *map_shape)
+    classes = _frozen(flat[end_heatmaps:].astype(np.int64))
+    if keep == batch:
+        return probabilities, classes, heatmaps
+    return probabilities[:keep], classes[:keep], heatmaps[:keep]
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -344,10 +404,15 @@ def _class_indices(class_index: int | Sequence[int] | None, batch: int, num_clas
             raise ValueError(f"class_index must be an int or {batch} ints, got {class_index!r}")
     if np.any((indices < 0) | (indices >= num_classes)):
         raise ValueError(f"class_index {class_index!r} out of range for {num_classes} classes")
-    return indices.astype(np.int32)
+    return indices.astype(np.int64, copy=False)
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def _checked_images(images: Any, expected: tuple[int | None, ...]) -> np.ndarray:
+    if type(images) is np.ndarray and images.dtype is _FLOAT32 and images.shape[1:] == expected and len(images):
+        return images  # what the node passes; the checks below take a few microseconds more (0.2% at batch 1)
     array = np.asarray(images)
     if array.ndim != 4 or array.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (B, H, W, C) array, got shape {array.shape}")
@@ -382,8 +447,9 @@ def explain(
     """
     explainer = _explainer_of(model, method, target_layer)
     array = _checked_images(images, explainer.input_shape)
-    indices = _class_indices(class_index, array.shape[0], explainer.num_classes)
-    return explainer(array, indices)
+    if class_index is None:
+        return explainer(array)
+    return explainer(array, _class_indices(class_index, array.shape[0], explainer.num_classes))
 
 
 def warm_up(

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 import explain
+from explain import cam
 from explain.cam import MAX_BUCKET, GradCAM, GradientSource, explainer_for
 from models.architectures import build_demo_cnn, build_seed_inception
 
@@ -318,6 +319,73 @@ def test_explanation_is_frozen_and_read_only(demo: Demo, demo_images: np.ndarray
         result.method = "other"  # type: ignore[misc]
     assert result.probabilities.dtype == np.float32
     assert result.probabilities.shape == (2, demo.network.outputs[0].shape[-1])
+
+
+@pytest.mark.parametrize("size", [1, 3, MAX_BUCKET + 3])  # exact bucket, padded, two chunks
+def test_every_array_is_read_only_and_typed(demo_images: np.ndarray, size: int) -> None:
+    keras.utils.set_random_seed(SEED)
+    network = build_demo_cnn()
+    x = np.concatenate([demo_images] * 8)[:size]
+    for result in (explain.explain(network, x), explain.explain(network, x, class_index=0)):
+        for array in (result.probabilities, result.class_index, result.heatmaps):
+            assert not array.flags.writeable
+        assert result.probabilities.dtype == np.float32 and result.probabilities.shape == (size, 2)
+        assert result.class_index.dtype == np.int64 and result.class_index.shape == (size,)
+        assert result.heatmaps.dtype == np.float32 and result.heatmaps.shape == (size, 32, 32)
+
+
+def test_the_predicted_class_pass_takes_only_the_images(demo_images: np.ndarray) -> None:
+    """The node's pass has one input; naming classes traces a second pass per bucket, on first use only."""
+    keras.utils.set_random_seed(SEED)
+    network = build_demo_cnn()
+    x = demo_images[:2]
+    predicted = explain.explain(network, x)
+    explainer = explainer_for(network, "gradcam")
+    (function, _), = explainer._concrete.values()
+    assert [spec.dtype for spec in tf.nest.flatten(function.structured_input_signature)] == [tf.float32]
+    other = 1 - predicted.class_index
+    named = explain.explain(network, x, class_index=other.tolist())
+    np.testing.assert_array_equal(named.class_index, other)
+    assert explainer.trace_count == 2
+    # -1 in the explainer's own class input means "the predicted class", per image.
+    mixed = explainer(x, np.array([-1, other[1]], dtype=np.int64))
+    np.testing.assert_array_equal(mixed.class_index, [predicted.class_index[0], other[1]])
+    assert_maps_close(mixed.heatmaps[:1], predicted.heatmaps[:1])
+    assert_maps_close(mixed.heatmaps[1:], named.heatmaps[1:])
+    explain.explain(network, x)
+    explain.explain(network, x, class_index=0)
+    assert explainer.trace_count == 2
+
+
+@pytest.mark.parametrize("keep", [3, 2])
+def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep: int) -> None:
+    rng = np.random.default_rng(SEED)
+    probabilities = rng.random((3, 4), dtype=np.float32)
+    classes = np.array([2, 0, 3], dtype=np.int64)
+    heatmaps = rng.random((3, 5, 7), dtype=np.float32)
+    shapes: list[Any] = []
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((3, 4), tf.float32),
+            tf.TensorSpec((3,), tf.int64),
+            tf.TensorSpec((3, None, None), tf.float32),
+        ]
+    )
+    def pack(p: tf.Tensor, c: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
+        packed, map_shape = cam._pack(p, c, h)
+        shapes.append(map_shape)
+        return packed
+
+    flat = pack(probabilities, classes, heatmaps).numpy()
+    assert shapes == [None]
+    p, c, h = cam._unpack(flat, 3, 4, None, keep)
+    np.testing.assert_array_equal(p, probabilities[:keep])
+    np.testing.assert_array_equal(c, classes[:keep])
+    np.testing.assert_array_equal(h, heatmaps[:keep])
+    static, map_shape = cam._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
+    assert map_shape == (5, 7)
+    np.testing.assert_array_equal(cam._unpack(static.numpy(), 3, 4, map_shape, keep)[2], heatmaps[:keep])
 
 
 def test_invalid_arguments_fail_early(demo: Demo, demo_images: np.ndarray) -> None:
