@@ -53,6 +53,8 @@ _UID_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (here, not in tests.peers: the benchmarks import this module
+    without pytest)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

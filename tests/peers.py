@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import struct
 import subprocess
 import time
@@ -22,6 +21,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from tests.node_harness import free_port  # noqa: F401  (re-exported: the test modules import it from here)
+
 ORTHANC_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 
 
@@ -31,13 +32,6 @@ def sample(name: str) -> Path:
     if path is None:
         pytest.skip(f"{name} not available (pip install pydicom-data)")
     return Path(path)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_binary(*names: str) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -40,6 +39,7 @@ from dicom_node.hl7.sink import HL7Sink, run_sink_forever
 from dicom_node.outbox import Outbox
 from dicom_node.results import InferenceResult, OverlayRef
 from dicom_node.settings import HL7Settings
+from tests.node_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -55,12 +55,6 @@ def message(n: int, prefix: str = "MSG") -> str:
         f"MSH|^~\\&|CXR_LENS|RADIOLOGY|HS_RESULTS|HEALTHSHARE|20240305143015||ORU^R01^ORU_R01|{prefix}{n:04d}|P|2.5.1\r"
         f"PID|1||P{n}\r"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
