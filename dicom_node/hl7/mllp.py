@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from dicom_node.errors import DeliveryError
-from dicom_node.hl7.oru import HL7_VERSION, datetime_to_ts, escape, new_message_control_id
+from dicom_node.hl7.oru import ENCODING_CHARACTERS, HL7_VERSION, datetime_to_ts, escape, new_message_control_id
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +234,14 @@ def build_ack(message: str, code: str, text: str = "", *, now: datetime | None =
     try:
         msh = _segments(message)["MSH"][0]
     except ValueError:
-        msh, code, text = ["MSH", "|", "^~\\&"], "AR", text or "no MSH segment"
+        msh, code, text = ["MSH", "|", ENCODING_CHARACTERS], "AR", text or "no MSH segment"
     stamp = datetime_to_ts(now or datetime.now().astimezone())
     trigger = _component(_field(msh, 9), 2)
     lines = [
         "|".join(
             [
                 "MSH",
-                "^~\\&",
+                ENCODING_CHARACTERS,
                 _field(msh, 5),
                 _field(msh, 6),
                 _field(msh, 3),

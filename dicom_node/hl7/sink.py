@@ -124,7 +124,9 @@ class HL7Sink:
         self._count = max((int(m.group(1)) for p in self.out_dir.iterdir() if (m := _STORED.match(p.name))), default=0)
         self._server = _Server((self.host, self.port), self)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(_POLL_S,), name="hl7-sink", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(_POLL_S,), name="hl7-sink", daemon=True
+        )
         self._thread.start()
         log.info("hl7-sink listening on %s:%d%s, answering %s, storing in %s", self.host, self.port,
                  " (TLS)" if self.ssl_context is not None else "", self.mode, self.out_dir)
