@@ -20,7 +20,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node import pixels
-from dicom_node.errors import CxrLensError
+from dicom_node.errors import CxrLensError, ModelError
 from dicom_node.hl7.oru import build_oru, new_message_control_id
 from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
 from dicom_node.rules import Rules, evaluate
@@ -152,6 +152,10 @@ class Processor:
 
         cfg = self.settings.explain
         model = self.model
+        if not (np.isfinite(explanation.probabilities[b]).all() and np.isfinite(explanation.heatmaps[b]).all()):
+            # A broken model (NaN weights, an overflow in float16): fail the job by name rather than send "nan"
+            # probabilities to HealthShare or a heatmap that cannot be drawn.
+            raise ModelError("the model's output is not finite (NaN or infinity); no result was sent")
         probs = {label: float(p) for label, p in zip(model.labels, explanation.probabilities[b])}
         class_index = int(explanation.class_index[b])
         label = model.labels[class_index]

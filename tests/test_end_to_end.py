@@ -152,3 +152,22 @@ def test_orthanc_pushes_radiographs_and_gets_overlays_back(tmp_path: Path) -> No
             assert len(study) == 1 and len(study[0]["Series"]) == 1  # only the source series: no overlay
     finally:
         orthanc.stop()
+
+
+@pytest.mark.parametrize("field", ["probabilities", "heatmaps"])
+def test_a_non_finite_model_output_fails_the_image_by_name(field: str) -> None:
+    """A model that outputs NaN gets no SC and no ORU ("nan" is not an HL7 NM), and the reason is named."""
+    import dataclasses
+
+    from explain import explain
+    from dicom_node.errors import ModelError
+    from dicom_node.pipeline import load_processor
+
+    processor = load_processor(load_settings())
+    item = processor.prepare(0, pydicom.dcmread(sample("RG1_UNCR.dcm")))
+    good = explain(processor.model, item.model_input[np.newaxis])
+    assert processor._outputs(item, good, 0, 1.0).result.label in ("no_finding", "focal_opacity")
+    broken = np.array(getattr(good, field))
+    broken[0].flat[0] = np.nan
+    with pytest.raises(ModelError, match="not finite"):
+        processor._outputs(item, dataclasses.replace(good, **{field: broken}), 0, 1.0)
