@@ -43,7 +43,7 @@ class DecodeError(PixelError):
 
 
 class ModelError(CxrLensError):
-    """The model cannot be loaded or does not fit the configuration."""
+    """The model cannot be loaded, does not fit the configuration, or gave an unusable (non-finite) output."""
 
 
 class NotEligibleError(CxrLensError):

@@ -221,7 +221,11 @@ class BaseCAM:
             return compiled
 
     def __call__(self, images: np.ndarray, class_index: np.ndarray | None = None) -> Explanation:
-        """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) int64, -1 or None for "predicted"."""
+        """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) ints, -1 or None for "predicted"."""
+        if images.shape[0] == 0:
+            raise ValueError("no images to explain")
+        if class_index is not None:
+            class_index = np.asarray(class_index, dtype=np.int64)
         if images.shape[0] <= MAX_BUCKET:
             probabilities, chosen, heatmaps = self._run(images, class_index)  # read-only already
         else:
@@ -259,7 +263,7 @@ def _pack(
     ~1% of the demo CNN's batch-1 pass on CPU. Class indices are exact in float32 (below 2^24 classes). Also
     returns the heatmaps' static (h, w); where the graph does not know it, ``[h, w]`` is appended to the vector.
     """
-    parts = [tf.reshape(probabilities, [-1]), tf.reshape(heatmaps, [-1]), tf.cast(chosen, tf.float32)]
+    parts = [tf.reshape(part, [-1]) for part in (probabilities, heatmaps, tf.cast(chosen, tf.float32))]
     height, width = heatmaps.shape[1:]
     if height is not None and width is not None:
         return tf.concat(parts, axis=0), (int(height), int(width))

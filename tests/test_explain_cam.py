@@ -322,11 +322,9 @@ def test_explanation_is_frozen_and_read_only(demo: Demo, demo_images: np.ndarray
 
 
 @pytest.mark.parametrize("size", [1, 3, MAX_BUCKET + 3])  # exact bucket, padded, two chunks
-def test_every_array_is_read_only_and_typed(demo_images: np.ndarray, size: int) -> None:
-    keras.utils.set_random_seed(SEED)
-    network = build_demo_cnn()
+def test_every_array_is_read_only_and_typed(demo: Demo, demo_images: np.ndarray, size: int) -> None:
     x = np.concatenate([demo_images] * 8)[:size]
-    for result in (explain.explain(network, x), explain.explain(network, x, class_index=0)):
+    for result in (explain.explain(demo.model, x), explain.explain(demo.model, x, class_index=0)):
         for array in (result.probabilities, result.class_index, result.heatmaps):
             assert not array.flags.writeable
         assert result.probabilities.dtype == np.float32 and result.probabilities.shape == (size, 2)
@@ -378,6 +376,7 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
         return packed
 
     flat = pack(probabilities, classes, heatmaps).numpy()
+    assert flat.shape == (3 * 4 + 3 * 5 * 7 + 3 + 2,)
     assert shapes == [None]
     p, c, h = cam._unpack(flat, 3, 4, None, keep)
     np.testing.assert_array_equal(p, probabilities[:keep])
@@ -386,6 +385,20 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
     static, map_shape = cam._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
     assert map_shape == (5, 7)
     np.testing.assert_array_equal(cam._unpack(static.numpy(), 3, 4, map_shape, keep)[2], heatmaps[:keep])
+
+
+def test_direct_calls_reject_an_empty_batch_and_take_any_integer_classes(demo_images: np.ndarray) -> None:
+    keras.utils.set_random_seed(SEED)
+    network = build_demo_cnn()
+    explainer = explainer_for(network)
+    with pytest.raises(ValueError, match="no images"):
+        explainer(demo_images[:0])
+    expected = explainer(demo_images[:3], np.array([1, -1, 0], dtype=np.int64))
+    for dtype in (np.int32, np.uint8, np.int16):
+        classes = np.array([1, 0, 0], dtype=dtype) if dtype is np.uint8 else np.array([1, -1, 0], dtype=dtype)
+        result = explainer(demo_images[:3], classes)
+        np.testing.assert_array_equal(result.class_index[[0, 2]], [1, 0])
+        assert_maps_close(result.heatmaps[[0, 2]], expected.heatmaps[[0, 2]])
 
 
 def test_invalid_arguments_fail_early(demo: Demo, demo_images: np.ndarray) -> None:
@@ -478,6 +491,11 @@ def test_mixed_precision_model_gives_float32_maps_close_to_float32(demo_images: 
     scale = full.heatmaps.max()
     assert scale > 0
     np.testing.assert_allclose(mixed.heatmaps, full.heatmaps, atol=0.05 * scale)
+    # The node's pass (the predicted class, no class input) in float16 too, where it picks the same classes.
+    predicted = explain.explain(network, x)
+    assert predicted.class_index.dtype == np.int64 and predicted.heatmaps.dtype == np.float32
+    same = predicted.class_index == full.class_index
+    np.testing.assert_allclose(predicted.heatmaps[same], full.heatmaps[same], atol=0.05 * scale)
 
 
 # ------------------------------------------------------------------------------- pooled-gradient shortcut
