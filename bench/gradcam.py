@@ -124,10 +124,11 @@ def bench_model(name: str, model: Any, shape: tuple[int, int, int], repeats: int
 
         run_forward(), run_ours()  # first runs optimise the graphs; paired_medians warms once more
         calls = repeats
-        if calls <= 0:  # auto: about 20 s of forward + ours per row, at least 30 and at most 300 calls each
+        if calls <= 0:  # auto: about 20 s of forward + ours per row, at least 30 and at most
+            # 3,000 calls each (a 3 ms model at batch 1 then gets ~9 s each: its ratio is a few percent of noise)
             start = time.perf_counter()
             run_forward()
-            calls = int(min(300, max(30, 10.0 / max(time.perf_counter() - start, 1e-4))))
+            calls = int(min(3000, max(30, 10.0 / max(time.perf_counter() - start, 1e-4))))
         medians = paired_medians(
             {"forward": run_forward, "ours": run_ours, "seed": run_seed},
             {"forward": calls, "ours": calls, "seed": seed_repeats},
@@ -159,7 +160,7 @@ def print_table(rows: list[Row], device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=0,
-                        help="timed calls of forward and ours (default: about 20 s per row, 30 to 300 calls)")
+                        help="timed calls of forward and ours (default: about 20 s per row, 30 to 3,000 calls)")
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke run")
     parser.add_argument(
         "--mixed-precision",

@@ -376,7 +376,7 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
         return packed
 
     flat = pack(probabilities, classes, heatmaps).numpy()
-    assert flat.shape == (3 * 4 + 3 * 5 * 7 + 3 + 2,)
+    assert flat.shape == (3 * 2 + 3 * 4 + 3 * 5 * 7 + 2,)
     assert shapes == [None]
     p, c, h = cam._unpack(flat, 3, 4, None, keep)
     np.testing.assert_array_equal(p, probabilities[:keep])

@@ -25,6 +25,23 @@ def test_importing_render_does_not_import_tensorflow() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_the_lazy_public_names_resolve_once_to_the_engine() -> None:
+    code = (
+        "import sys, explain\n"
+        "assert 'tensorflow' not in sys.modules and 'explain' not in vars(explain)\n"
+        "from explain import cam\n"
+        "assert explain.explain is cam.explain and explain.Explanation is cam.Explanation\n"
+        "assert vars(explain)['explain'] is cam.explain  # kept: later accesses skip the module __getattr__\n"
+        "try:\n"
+        "    explain.nothing\n"
+        "except AttributeError as exc:\n"
+        "    assert 'nothing' in str(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_normalise_scales_by_the_maximum_not_min_max() -> None:
     raw = heatmap() + 1e-3  # a floor that min-max would wrongly stretch to zero
     result = render.normalise(raw)
