@@ -222,13 +222,6 @@ class BaseCAM:
 
     def __call__(self, images: np.ndarray, class_index: np.ndarray | None = None) -> Explanation:
         """Explain ``images`` (B, H, W, C float32); ``class_index`` (B,) ints, -1 or None for "predicted"."""
-        if class_index is None:
-            compiled = self._concrete.get((images.shape, False))  # traced for exactly this shape: no padding
-            if compiled is not None:  # the node's usual call, without the general path's steps (~0.5% at batch 1)
-                function, map_shape = compiled
-                size = images.shape[0]
-                results = _unpack(function(tf.constant(images)).numpy(), size, self.num_classes, map_shape, size)
-                return Explanation(*results, self.name, self.target_layer)
         if images.shape[0] == 0:
             raise ValueError("no images to explain")
         if class_index is not None:
