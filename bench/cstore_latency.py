@@ -20,9 +20,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.hl7.sink import HL7Sink
-from dicom_node.pipeline import compose
+from dicom_node.node import compose
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
 from dicom_node.settings import DestinationSettings, load_settings
 
 

@@ -27,8 +27,8 @@ from typing import IO
 
 
 def _sinks(directory: Path) -> int:
-    from dicom_node.dicom_sink import DicomSink
-    from dicom_node.hl7.sink import HL7Sink
+    from dicom_node.peers.dicom_sink import DicomSink
+    from dicom_node.peers.hl7_sink import HL7Sink
 
     pacs = DicomSink(directory / "pacs", ae_title="PACS")
     ris = HL7Sink("127.0.0.1", 0, directory / "hl7")

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a configuration override, as for cxr-lens")
     args = parser.parse_args(argv)
 
-    from dicom_node.pipeline import compose, load_processor
+    from dicom_node.node import compose
+    from dicom_node.process.processor import load_processor
 
     with tempfile.TemporaryDirectory(prefix="cxr-lens-bench-") as tmp_name:
         tmp = Path(tmp_name)

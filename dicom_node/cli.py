@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from dicom_node.errors import ConfigError, ModelError
+from dicom_node.receive.tls import TLSFileError, server_context
 from dicom_node.settings import Settings, load_settings
-from dicom_node.tls import TLSFileError, server_context
 
 EXIT_OK = 0
 EXIT_FAILED_INPUTS = 1
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_status(_settings(args))
         if args.command == "hl7-sink":
-            from dicom_node.hl7.sink import run_sink_forever
+            from dicom_node.peers.hl7_sink import run_sink_forever
 
             run_sink_forever(args.host, args.port, args.out, args.mode, ssl_context=_sink_tls(args))
             return EXIT_OK

@@ -12,11 +12,24 @@ from typing import Any
 import pydicom
 from pydicom import Dataset
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from dicom_node.pipeline import Failed, NotEligible, Outcome, Processed, encode_png, load_processor
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL
+from dicom_node.outputs.results import AI_DISCLAIMER, DEMO_LABEL
+from dicom_node.process.processor import (
+    Failed,
+    NotEligible,
+    Outcome,
+    Processed,
+    encode_png,
+    load_processor,
+)
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,7 +143,7 @@ def run_serve(settings: Settings) -> int:
     import signal
     import threading
 
-    from dicom_node.pipeline import compose
+    from dicom_node.node import compose
 
     node = compose(settings)
     stop = threading.Event()
@@ -147,7 +160,7 @@ def run_serve(settings: Settings) -> int:
 
 
 def run_status(settings: Settings) -> int:
-    from dicom_node.status import collect_status, format_status
+    from dicom_node.ops.status import collect_status, format_status
 
     print(format_status(collect_status(settings.node.spool_dir)))
     return 0
@@ -175,9 +188,9 @@ def run_demo(settings: Settings, out: Path, *, timeout_s: float = 600.0) -> int:
 
     from pynetdicom import AE
 
-    from dicom_node.dicom_sink import DicomSink
-    from dicom_node.hl7.sink import HL7Sink
-    from dicom_node.pipeline import compose
+    from dicom_node.node import compose
+    from dicom_node.peers.dicom_sink import DicomSink
+    from dicom_node.peers.hl7_sink import HL7Sink
     from dicom_node.settings import DestinationSettings
 
     sample = _sample_radiograph()

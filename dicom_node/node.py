@@ -1,6 +1,6 @@
 """The node's life cycle: start the receiving, processing and sending threads in order, stop them gracefully.
 
-Everything it runs is handed in (``pipeline.compose`` builds the parts), so a test can start a whole node on
+Everything it runs is handed in (``node.compose`` builds the parts), so a test can start a whole node on
 free ports with fake stages. Start order: requeue interrupted jobs, worker, senders, SCP, HTTP. Stop order:
 SCP first (no new input), then the worker finishes its batch, then the senders, then HTTP.
 """
@@ -13,15 +13,25 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import pydicom.config
+from pydicom import Dataset
 
-from dicom_node.metrics import Metrics, MetricsServer
-from dicom_node.outbox import Outbox
-from dicom_node.scp import RulesCheck, StorageSCP
-from dicom_node.scu import DicomSender
+from dicom_node.deliver.dicom import DicomSender
+from dicom_node.deliver.hl7 import HL7Sender
+from dicom_node.ops.metrics import Metrics, MetricsServer
+from dicom_node.process.processor import (
+    Processor,
+    ProcessorStages,
+    load_processor,
+    make_process_batch,
+)
+from dicom_node.process.rules import evaluate
+from dicom_node.process.stages import StagedWorker, Stages
+from dicom_node.process.worker import ProcessBatch, Worker
+from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
-from dicom_node.stages import StagedWorker, Stages
-from dicom_node.store import JobQueue, Spool, jobs_path
-from dicom_node.worker import ProcessBatch, Worker
+from dicom_node.storage.jobs import JobQueue, jobs_path
+from dicom_node.storage.outbox import Outbox, outbox_path
+from dicom_node.storage.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -179,3 +189,28 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def compose(settings: Settings, processor: Processor | None = None) -> Any:
+    """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
+    processor = processor or load_processor(settings)
+    outbox = Outbox(outbox_path(settings.node.spool_dir))
+    dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
+                               max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
+                               retry_max_s=settings.node.retry_max_s)
+    hl7_sender = HL7Sender(outbox, settings.hl7) if settings.hl7.enabled else None
+
+    def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
+        verdict = evaluate(ds, processor.rules)
+        return verdict.eligible, verdict.rule, verdict.reason
+
+    work: dict[str, Any] = (
+        {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
+        else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
+    )
+
+    def warm_up(should_stop: Callable[[], bool]) -> None:
+        processor.warm_up(settings.worker.batch_size, should_stop)
+
+    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
+                warm_up=warm_up if settings.worker.warm_up else None, **work)

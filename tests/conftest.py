@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom import config
 
-from dicom_node.dicom_sink import DicomSink
+from dicom_node.peers.dicom_sink import DicomSink
 
 # Whatever the tests write must be valid DICOM (STYLE.md 11): invalid values raise instead of warning.
 config.settings.writing_validation_mode = config.RAISE

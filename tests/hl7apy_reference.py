@@ -1,4 +1,4 @@
-"""Test-only reference: the ORU^R01 built with hl7apy objects, as ``dicom_node.hl7.oru`` did before it assembled ER7
+"""Test-only reference: the ORU^R01 built with hl7apy objects, as ``dicom_node.outputs.oru`` did before it assembled ER7
 by hand. The production builder is checked against it byte for byte (tests/test_hl7_oru.py).
 
 It reuses the pure helpers of the production module (escaping, DICOM reading, DA/TM/DT -> TS), so what is
@@ -15,7 +15,7 @@ from hl7apy.core import Group, Message, Segment
 from hl7apy.exceptions import ValidationError
 from pydicom import Dataset
 
-from dicom_node.hl7.oru import (
+from dicom_node.outputs.oru import (
     COMMENT_SOURCE,
     CONTROL_ID_LENGTH,
     DIAGNOSTIC_SERVICE_SECTION,
@@ -51,7 +51,12 @@ from dicom_node.hl7.oru import (
     datetime_to_ts,
     escape,
 )
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
+from dicom_node.outputs.results import (
+    AI_DISCLAIMER,
+    DEMO_LABEL,
+    InferenceResult,
+    OverlayRef,
+)
 from dicom_node.settings import HL7Settings
 
 _PID_REQUIRED = ("pid_3", "pid_5")

@@ -1,8 +1,8 @@
 """A CXR Lens node as a black box under load, over time and under SIGKILL (tests/ and bench/ share this module).
 
 The node runs as ``python -m dicom_node.cli serve --config FILE`` in a subprocess, so it can be SIGKILLed and its
-memory read from ``/proc``. The PACS (a :class:`~dicom_node.dicom_sink.DicomSink`) and the HL7 receiver (an
-:class:`~dicom_node.hl7.sink.HL7Sink`) run in the calling process and outlive the node's restarts. What the node
+memory read from ``/proc``. The PACS (a :class:`~dicom_node.peers.dicom_sink.DicomSink`) and the HL7 receiver (an
+:class:`~dicom_node.peers.hl7_sink.HL7Sink`) run in the calling process and outlive the node's restarts. What the node
 did is judged only from outside: the C-STORE statuses the modality got, what the two peers stored, and the counts
 in the node's SQLite files (opened read-only).
 
@@ -39,9 +39,9 @@ from pynetdicom import AE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.hl7.mllp import message_control_id
-from dicom_node.hl7.sink import HL7Sink
+from dicom_node.deliver.mllp import message_control_id
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
 from tests.synthetic_dicom import chest_pattern, make_cr_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

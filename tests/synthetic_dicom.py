@@ -4,7 +4,7 @@
 (PS3.3 A.26) instance in Explicit VR Little Endian with a procedural chest-like image: dark lungs, a bright
 mediastinum and spine, faint ribs, a diaphragm, and direct exposure around the body.
 
-``write`` stores a dataset in any transfer syntax of :data:`dicom_node.pixels.SUPPORTED_TRANSFER_SYNTAXES`
+``write`` stores a dataset in any transfer syntax of :data:`dicom_node.imaging.pixels.SUPPORTED_TRANSFER_SYNTAXES`
 using, per syntax, the encoder named in :data:`ENCODERS`: pydicom itself (uncompressed, deflated, RLE, JPEG-LS
 and JPEG 2000 through its plugins), imagecodecs/OpenJPH (HTJ2K, which neither pydicom nor OpenJPEG can encode)
 and dcmtk (JPEG processes 1, 2/4 and 14, and big endian, which pydicom 3 cannot write correctly for OW pixel

@@ -23,23 +23,35 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.acceptor import ABORT_INVALID_PDU_PARAMETER, AcceptPolicy
 from dicom_node.cli import EXIT_CONFIG, main
-from dicom_node.dicom_sink import DicomSink
+from dicom_node.deliver.dicom import DicomSender
+from dicom_node.deliver.hl7 import HL7Sender
+from dicom_node.deliver.mllp import CONNECTION_FAILED, MLLPError, send_message
 from dicom_node.errors import ConfigError
-from dicom_node.hl7.mllp import CONNECTION_FAILED, MLLPError, send_message
-from dicom_node.hl7.sender import HL7Sender
-from dicom_node.hl7.sink import HL7Sink
-from dicom_node.metrics import Metrics
-from dicom_node.outbox import Outbox
-from dicom_node.scp import StorageSCP
-from dicom_node.scu import DicomSender
-from dicom_node.settings import DestinationSettings, HL7Settings, NodeSettings, load_settings
-from dicom_node.store import JobQueue, Spool, jobs_path
-from dicom_node.tls import client_context, server_context
-from tests.peers import fake_secondary_capture, free_port, needs_binary, run_tool, sample
-from tests.tls_certs import CertFiles, make_pki
+from dicom_node.ops.metrics import Metrics
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
+from dicom_node.receive.acceptor import ABORT_INVALID_PDU_PARAMETER, AcceptPolicy
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.receive.tls import client_context, server_context
+from dicom_node.settings import (
+    DestinationSettings,
+    HL7Settings,
+    NodeSettings,
+    load_settings,
+)
+from dicom_node.storage.jobs import JobQueue, jobs_path
+from dicom_node.storage.outbox import Outbox
+from dicom_node.storage.spool import Spool
 from tests.node_harness import wait_until as _wait_until
+from tests.peers import (
+    fake_secondary_capture,
+    free_port,
+    needs_binary,
+    run_tool,
+    sample,
+)
+from tests.tls_certs import CertFiles, make_pki
 
 AE_TITLE = "CXRLENS"
 LOCAL = "127.0.0.1"
@@ -396,7 +408,7 @@ def _accepts(port: int) -> bool:
 
 @pytest.mark.parametrize("size", [0, 10, 1 << 20, (1 << 20) + 1, 10_000_000])
 def test_pdu_reads_return_exactly_what_was_declared(size: int) -> None:
-    from dicom_node.acceptor import _PduLengthGuard
+    from dicom_node.receive.acceptor import _PduLengthGuard
 
     ours, peer = socket.socketpair()
     guard = _PduLengthGuard.__new__(_PduLengthGuard)
@@ -415,7 +427,7 @@ def test_pdu_reads_return_exactly_what_was_declared(size: int) -> None:
 
 def test_a_huge_declared_length_costs_memory_only_for_the_bytes_sent() -> None:
     """node.max_pdu = 0 lets any P-DATA length through the guard: the buffer must grow with the data."""
-    from dicom_node.acceptor import _PduLengthGuard
+    from dicom_node.receive.acceptor import _PduLengthGuard
 
     ours, peer = socket.socketpair()
     guard = _PduLengthGuard.__new__(_PduLengthGuard)

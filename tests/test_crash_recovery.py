@@ -16,8 +16,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.hl7.sink import HL7Sink
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
 from tests.peers import free_port, sample
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]

@@ -105,7 +105,7 @@ def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 @needs_binary("Orthanc", "/usr/sbin/Orthanc")
 def test_orthanc_pushes_radiographs_and_gets_overlays_back(tmp_path: Path) -> None:
     """Orthanc (the PACS) pushes RG1 in three transfer syntaxes, RG3 and a CT; only RG1 gets an overlay back."""
-    from dicom_node.pipeline import compose
+    from dicom_node.node import compose
 
     node_port = free_port()
     orthanc = start_orthanc(tmp_path / "orthanc", modalities={"cxrlens": ("CXRLENS", "127.0.0.1", node_port)})
@@ -159,9 +159,9 @@ def test_a_non_finite_model_output_fails_the_image_by_name(field: str) -> None:
     """A model that outputs NaN gets no SC and no ORU ("nan" is not an HL7 NM), and the reason is named."""
     import dataclasses
 
-    from explain import explain
     from dicom_node.errors import ModelError
-    from dicom_node.pipeline import load_processor
+    from dicom_node.process.processor import load_processor
+    from explain import explain
 
     processor = load_processor(load_settings())
     item = processor.prepare(0, pydicom.dcmread(sample("RG1_UNCR.dcm")))

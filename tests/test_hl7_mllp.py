@@ -19,7 +19,8 @@ import hl7
 import hl7.mllp
 import pytest
 
-from dicom_node.hl7.mllp import (
+from dicom_node.deliver.hl7 import CHANNEL, HL7Sender
+from dicom_node.deliver.mllp import (
     CONNECTION_FAILED,
     DISPOSITIONS,
     MALFORMED_ACK,
@@ -33,12 +34,10 @@ from dicom_node.hl7.mllp import (
     send_message,
     unframe,
 )
-from dicom_node.hl7.oru import build_oru
-from dicom_node.hl7.sender import CHANNEL, HL7Sender
-from dicom_node.hl7.sink import HL7Sink, run_sink_forever
-from dicom_node.outbox import Outbox
-from dicom_node.results import InferenceResult, OverlayRef
+from dicom_node.outputs.oru import build_oru
+from dicom_node.peers.hl7_sink import HL7Sink, run_sink_forever
 from dicom_node.settings import HL7Settings
+from dicom_node.storage.outbox import Outbox
 from tests.node_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,8 +327,8 @@ def test_run_forever_delivers_and_stops(receiver_factory: Callable[..., Receiver
 NODE_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from dicom_node.hl7.sender import CHANNEL, HL7Sender
-    from dicom_node.outbox import Outbox
+    from dicom_node.deliver.hl7 import CHANNEL, HL7Sender
+    from dicom_node.storage.outbox import Outbox
     from dicom_node.settings import HL7Settings
 
     db, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -18,7 +18,7 @@ from hl7apy.parser import parse_message
 from pydicom import Dataset, config
 from pydicom.sequence import Sequence
 
-from dicom_node.hl7.oru import (
+from dicom_node.outputs.oru import (
     ORUBuildError,
     _text,
     build_oru,
@@ -27,7 +27,12 @@ from dicom_node.hl7.oru import (
     escape,
     new_message_control_id,
 )
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
+from dicom_node.outputs.results import (
+    AI_DISCLAIMER,
+    DEMO_LABEL,
+    InferenceResult,
+    OverlayRef,
+)
 from dicom_node.settings import HL7Settings
 from tests.hl7apy_reference import build_oru_hl7apy, validate_with_standins
 
@@ -879,7 +884,7 @@ def test_oru_module_does_not_import_hl7apy() -> None:
     import subprocess
     import sys
 
-    code = "import sys, dicom_node.hl7.oru; sys.exit('hl7apy' in sys.modules)"
+    code = "import sys, dicom_node.outputs.oru; sys.exit('hl7apy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

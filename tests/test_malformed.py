@@ -14,7 +14,6 @@ import re
 import socket
 import sqlite3
 import struct
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,11 +35,12 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.hl7.sink import HL7Sink
-from dicom_node.scp import QUEUE_FULL_COMMENT, StorageSCP, StoreStatus
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
+from dicom_node.receive.scp import QUEUE_FULL_COMMENT, StorageSCP, StoreStatus
 from dicom_node.settings import DestinationSettings, NodeSettings, load_settings
-from dicom_node.store import JobQueue, JobState, Spool, jobs_path
+from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
+from dicom_node.storage.spool import Spool
 from tests.node_harness import wait_until as _wait_until
 from tests.synthetic_dicom import (
     encode_dataset,
@@ -572,7 +572,7 @@ class NodeUnderTest:
 
 @pytest.fixture(scope="module")
 def under_test(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeUnderTest]:
-    from dicom_node.pipeline import compose
+    from dicom_node.node import compose
 
     root = tmp_path_factory.mktemp("malformed")
     pacs = DicomSink(root / "pacs", ae_title="PACS")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -17,16 +16,28 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
-from dicom_node.dicom_sink import DicomSink
+from dicom_node.deliver.dicom import DicomSender
 from dicom_node.node import BackgroundSender, Node
-from dicom_node.outbox import Outbox
-from dicom_node.scu import DicomSender
-from dicom_node.settings import DestinationSettings, NodeSettings, Settings, WorkerSettings
-from dicom_node.status import collect_status, format_status
-from dicom_node.store import Job, JobQueue, JobState, Spool, jobs_path, outbox_path
-from dicom_node.worker import JobOutcome, ProcessBatch
-from tests.peers import fake_secondary_capture, free_port, needs_binary, sample, start_orthanc
+from dicom_node.ops.status import collect_status, format_status
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.process.worker import JobOutcome, ProcessBatch
+from dicom_node.settings import (
+    DestinationSettings,
+    NodeSettings,
+    Settings,
+    WorkerSettings,
+)
+from dicom_node.storage.jobs import Job, JobQueue, JobState, jobs_path
+from dicom_node.storage.outbox import Outbox, outbox_path
+from dicom_node.storage.spool import Spool
 from tests.node_harness import wait_until as _wait_until
+from tests.peers import (
+    fake_secondary_capture,
+    free_port,
+    needs_binary,
+    sample,
+    start_orthanc,
+)
 
 AE_TITLE = "CXRLENS"
 

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,12 +24,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.hl7.sink import HL7Sink
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.hl7_sink import HL7Sink
 from dicom_node.settings import DestinationSettings, load_settings
+from tests.node_harness import wait_until as _wait_until
 from tests.peers import free_port
 from tests.synthetic_dicom import make_cr_dataset
-from tests.node_harness import wait_until as _wait_until
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
@@ -111,7 +110,7 @@ def outputs_and_leaks(ds: Dataset, pacs: DicomSink, hl7_dir: Path, log_text: str
 
 def test_round_trip_logs_no_patient_data_in_process(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The whole node in this process, every logger at DEBUG (third-party ones at the level the node sets)."""
-    from dicom_node.pipeline import compose
+    from dicom_node.node import compose
 
     caplog.set_level(logging.DEBUG)  # the root logger and its handler: every logger that propagates
     pacs = DicomSink(tmp_path / "pacs", ae_title="PACS")

@@ -1,4 +1,4 @@
-"""Tests for dicom_node.pixels on real files (pydicom-data) and synthetic radiographs in every transfer syntax."""
+"""Tests for dicom_node.imaging.pixels on real files (pydicom-data) and synthetic radiographs in every transfer syntax."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicom_node import pixels as pixels_module
 from dicom_node.errors import (
     AllZeroDecodeError,
     ColourImageError,
@@ -37,7 +36,8 @@ from dicom_node.errors import (
     MultiFrameError,
     PixelError,
 )
-from dicom_node.pixels import (
+from dicom_node.imaging import pixels as pixels_module
+from dicom_node.imaging.pixels import (
     SUPPORTED_TRANSFER_SYNTAXES,
     DisplayImage,
     check_renderable,

@@ -4,17 +4,16 @@ and the demo model's predictions on the test images do not change."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import HTJ2KLossless, JPEG2000, JPEG2000Lossless
+from pydicom.uid import JPEG2000, HTJ2KLossless, JPEG2000Lossless
 
-from dicom_node import j2k
-from dicom_node.pixels import _first_fragment, model_input, render_display
+from dicom_node.imaging import j2k
+from dicom_node.imaging.pixels import _first_fragment, model_input, render_display
 from tests.synthetic_dicom import encoded, encoder_missing, make_cr_dataset
 
 MODEL_SHAPE = (256, 256)
@@ -77,7 +76,7 @@ def test_real_radiograph_is_decoded_at_level_2_and_renders_like_a_full_decode(na
 
 
 def test_uncompressed_radiograph_reduced_before_the_luts_matches_luts_then_reduce() -> None:
-    from dicom_node.pixels import fit_long_side
+    from dicom_node.imaging.pixels import fit_long_side
 
     ds = _testdata("RG1_UNCR.dcm")
     reduced = render_display(ds, max_long_side=512)
@@ -117,8 +116,9 @@ def test_without_openjpeg_the_full_decode_is_used(tmp_path: Path, monkeypatch: p
 
 
 def test_a_broken_codestream_falls_back_and_the_full_decode_names_the_error(tmp_path: Path) -> None:
-    from dicom_node.errors import DecodeError
     from pydicom.encaps import encapsulate
+
+    from dicom_node.errors import DecodeError
 
     ds = encoded(make_cr_dataset(rows=1200, cols=1100, bits_stored=12), JPEG2000Lossless, tmp_path)
     codestream = _first_fragment(ds)

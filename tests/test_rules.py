@@ -10,7 +10,7 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
 from dicom_node.errors import ConfigError
-from dicom_node.rules import DEFAULT_RULES, evaluate, load_rules
+from dicom_node.process.rules import DEFAULT_RULES, evaluate, load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 

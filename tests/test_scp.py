@@ -23,10 +23,17 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.metrics import Metrics
-from dicom_node.scp import STORE_STATUS_COMMENT, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP, StoreStatus, handle_store
+from dicom_node.ops.metrics import Metrics
+from dicom_node.receive.scp import (
+    STORE_STATUS_COMMENT,
+    SUPPORTED_TRANSFER_SYNTAXES,
+    StorageSCP,
+    StoreStatus,
+    handle_store,
+)
 from dicom_node.settings import NodeSettings
-from dicom_node.store import JobQueue, JobState, Spool, jobs_path
+from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
+from dicom_node.storage.spool import Spool
 from tests.peers import dataset_part, needs_binary, run_tool, sample
 
 AE_TITLE = "CXRLENS"

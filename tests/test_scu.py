@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.dicom_sink import DicomSink
-from dicom_node.outbox import Outbox
-from dicom_node.scp import StorageSCP
-from dicom_node.scu import (
+from dicom_node.deliver.dicom import (
     CHANNEL,
     AssociationOutcome,
     DicomSender,
@@ -23,8 +20,12 @@ from dicom_node.scu import (
     store_status_disposition,
     store_status_text,
 )
+from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.settings import DestinationSettings, NodeSettings
-from dicom_node.store import JobQueue, Spool, jobs_path
+from dicom_node.storage.jobs import JobQueue, jobs_path
+from dicom_node.storage.outbox import Outbox
+from dicom_node.storage.spool import Spool
 from tests.peers import dataset_part, fake_secondary_capture, free_port, sample
 
 

@@ -11,10 +11,19 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_file
 
-from dicom_node.results import InferenceResult
-from dicom_node.rules import evaluate
-from dicom_node.secondary_capture import SC_IMAGE_STORAGE, build_secondary_capture, overlay_uids
-from tests.dicom_tools import dciodvfy_errors, dcmj2pnm_png, requires_dciodvfy, requires_dcmtk
+from dicom_node.outputs.results import InferenceResult
+from dicom_node.outputs.secondary_capture import (
+    SC_IMAGE_STORAGE,
+    build_secondary_capture,
+    overlay_uids,
+)
+from dicom_node.process.rules import evaluate
+from tests.dicom_tools import (
+    dciodvfy_errors,
+    dcmj2pnm_png,
+    requires_dciodvfy,
+    requires_dcmtk,
+)
 
 
 def _result(**kw: object) -> InferenceResult:

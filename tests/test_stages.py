@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from dicom_node.stages import StagedWorker
-from dicom_node.store import Job, JobQueue, JobState, Spool
-from dicom_node.worker import JobOutcome
+from dicom_node.process.stages import StagedWorker
+from dicom_node.process.worker import JobOutcome
+from dicom_node.storage.jobs import Job, JobQueue, JobState
+from dicom_node.storage.spool import Spool
 
 
 @pytest.fixture

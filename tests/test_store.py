@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.store import JobQueue, JobState, Spool, SpoolError, jobs_path
+from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
+from dicom_node.storage.spool import Spool, SpoolError
 
 
 def test_spool_key_is_content_hash_and_round_trips(tmp_path: Path) -> None:

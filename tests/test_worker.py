@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from dicom_node.errors import DecodeError
-from dicom_node.store import Job, JobQueue, JobState, Spool, jobs_path
-from dicom_node.worker import JobOutcome, Worker
+from dicom_node.process.worker import JobOutcome, Worker
+from dicom_node.storage.jobs import Job, JobQueue, JobState, jobs_path
+from dicom_node.storage.spool import Spool
 from tests.node_harness import wait_until as _wait_until
 
 

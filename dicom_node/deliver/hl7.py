@@ -13,9 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 
-from dicom_node.hl7.mllp import ENCODING, Ack, Disposition, MLLPError, message_control_id, send_message
-from dicom_node.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.deliver.mllp import (
+    ENCODING,
+    Ack,
+    Disposition,
+    MLLPError,
+    message_control_id,
+    send_message,
+)
 from dicom_node.settings import HL7Settings
+from dicom_node.storage.outbox import Outbox, OutboxItem, backoff_delay
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from dicom_node.metrics import Metrics
-from dicom_node.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.ops.metrics import Metrics
 from dicom_node.settings import DestinationSettings
-from dicom_node.store import uid_hash
+from dicom_node.storage.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.storage.spool import uid_hash
 
 LOG = logging.getLogger(__name__)
 

@@ -15,7 +15,14 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from dicom_node.hl7.mllp import END_BLOCK, ENCODING, START_BLOCK, build_ack, frame, message_control_id
+from dicom_node.deliver.mllp import (
+    ENCODING,
+    END_BLOCK,
+    START_BLOCK,
+    build_ack,
+    frame,
+    message_control_id,
+)
 
 log = logging.getLogger(__name__)
 

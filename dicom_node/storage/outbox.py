@@ -13,6 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+OUTBOX_DB = "outbox.sqlite"
+
+
+def outbox_path(spool_dir: Path | str) -> Path:
+    """Where the outbox (SC and ORU deliveries) of a node with this spool directory lives."""
+    return Path(spool_dir) / OUTBOX_DB
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -47,10 +47,14 @@ from typing import Any, cast
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 from pynetdicom.utils import make_target
 
-from dicom_node.metrics import Metrics
+from dicom_node.ops.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dicom_node.outbox import Outbox
-from dicom_node.store import JobQueue, JobState, jobs_path, outbox_path
+from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
+from dicom_node.storage.outbox import Outbox, outbox_path
 
 _CHANNELS = ("dicom", "hl7")
 _OUTBOX_STATES = ("pending", "done", "parked")

@@ -1,6 +1,6 @@
 """The worker thread: claims pending jobs in batches, hands them to the injected ``process_batch``, records outcomes.
 
-``process_batch`` (wired in ``pipeline.compose``) renders, infers, explains and enqueues the outputs in the
+``process_batch`` (wired in ``node.compose``) renders, infers, explains and enqueues the outputs in the
 outbox itself; the worker only moves job states. Nothing it receives can kill the thread: an exception fails
 that batch's jobs with a reason and the loop goes on.
 """
@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_node.errors import CxrLensError
-from dicom_node.metrics import Metrics
-from dicom_node.store import Job, JobQueue, JobState, Spool, SpoolError
+from dicom_node.ops.metrics import Metrics
+from dicom_node.storage.jobs import Job, JobQueue, JobState
+from dicom_node.storage.spool import Spool, SpoolError
 
 LOG = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dicom_node.metrics import Metrics
-from dicom_node.store import Job, JobQueue, JobState, Spool, SpoolError
-from dicom_node.worker import JobOutcome, Worker, failure_reason
+from dicom_node.ops.metrics import Metrics
+from dicom_node.process.worker import JobOutcome, Worker, failure_reason
+from dicom_node.storage.jobs import Job, JobQueue, JobState
+from dicom_node.storage.spool import Spool, SpoolError
 
 LOG = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node import j2k
 from dicom_node.errors import (
     AllZeroDecodeError,
     ColourImageError,
@@ -51,6 +50,7 @@ from dicom_node.errors import (
     MissingPixelDataError,
     MultiFrameError,
 )
+from dicom_node.imaging import j2k
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def render_display(
     beyond the source): the stored values are resized first (cv2 INTER_AREA), then the LUTs run on the small
     array, as a viewer that minifies before windowing does. JPEG 2000 and HTJ2K are then decoded only to the coarsest resolution level that gives at
     least ``min_shape`` (rows, columns) and comes within sqrt(2) of ``max_long_side`` (see
-    :func:`dicom_node.j2k.choose_level`), unless ``reduced_decode`` is False; everything else, and any
+    :func:`dicom_node.imaging.j2k.choose_level`), unless ``reduced_decode`` is False; everything else, and any
     codestream the reduced path declines, is decoded in full first.
     """
     check_renderable(ds, max_pixels=max_pixels)

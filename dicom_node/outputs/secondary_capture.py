@@ -19,7 +19,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.errors import CxrLensError
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, NODE_MANUFACTURER, NODE_MODEL_NAME, InferenceResult
+from dicom_node.outputs.results import (
+    AI_DISCLAIMER,
+    DEMO_LABEL,
+    NODE_MANUFACTURER,
+    NODE_MODEL_NAME,
+    InferenceResult,
+)
 
 # highdicom warns about person names in the *source* header (e.g. a single-component referring physician); we
 # copy them unchanged, as the Patient and Study modules require. A filter set once here, not catch_warnings per

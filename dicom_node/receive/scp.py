@@ -31,15 +31,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicom_node.acceptor import AcceptPolicy, GuardedAssociationServer, start_server, warn_if_open
-from dicom_node.metrics import Metrics
+from dicom_node.ops.metrics import Metrics
+from dicom_node.receive.acceptor import (
+    AcceptPolicy,
+    GuardedAssociationServer,
+    start_server,
+    warn_if_open,
+)
 from dicom_node.settings import NodeSettings
-from dicom_node.store import JobQueue, Spool, uid_hash
+from dicom_node.storage.jobs import JobQueue
+from dicom_node.storage.spool import Spool, uid_hash
 
 try:
-    from dicom_node.pixels import SUPPORTED_TRANSFER_SYNTAXES
+    from dicom_node.imaging.pixels import SUPPORTED_TRANSFER_SYNTAXES
 except ModuleNotFoundError as exc:  # pixels.py is being written in parallel; this list mirrors what it decodes.
-    if exc.name != "dicom_node.pixels":
+    if exc.name != "dicom_node.imaging.pixels":
         raise
     SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (  # type: ignore[no-redef]
         "1.2.840.10008.1.2",  # Implicit VR Little Endian

@@ -23,7 +23,12 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from dicom_node.errors import CxrLensError
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
+from dicom_node.outputs.results import (
+    AI_DISCLAIMER,
+    DEMO_LABEL,
+    InferenceResult,
+    OverlayRef,
+)
 from dicom_node.settings import HL7Settings
 
 HL7_VERSION = "2.5.1"

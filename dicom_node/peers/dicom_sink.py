@@ -4,7 +4,7 @@ It accepts every storage SOP class in every transfer syntax pynetdicom knows, wr
 into ``out_dir`` and remembers it in :attr:`DicomSink.received`. ``refuse_with`` makes it answer every C-STORE
 with that status instead (e.g. 0xA700 out of resources, 0xA900 data set does not match SOP Class), to exercise
 a sender's retry and park paths. ``ssl_context`` makes it a TLS PACS (handshake outside the accept loop, as for
-our own SCP: see :mod:`dicom_node.acceptor`).
+our own SCP: see :mod:`dicom_node.receive.acceptor`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.acceptor import AcceptPolicy, GuardedAssociationServer, start_server
+from dicom_node.receive.acceptor import (
+    AcceptPolicy,
+    GuardedAssociationServer,
+    start_server,
+)
 
 LOG = logging.getLogger(__name__)
 

@@ -15,16 +15,21 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import cv2
-import pydicom
 import numpy as np
+import pydicom
 from pydicom import Dataset
 
-from dicom_node import pixels
 from dicom_node.errors import CxrLensError, ModelError
-from dicom_node.hl7.oru import build_oru, new_message_control_id
-from dicom_node.results import AI_DISCLAIMER, DEMO_LABEL, InferenceResult, OverlayRef
-from dicom_node.rules import Rules, evaluate
-from dicom_node.secondary_capture import build_secondary_capture
+from dicom_node.imaging import pixels
+from dicom_node.outputs.oru import build_oru, new_message_control_id
+from dicom_node.outputs.results import (
+    AI_DISCLAIMER,
+    DEMO_LABEL,
+    InferenceResult,
+    OverlayRef,
+)
+from dicom_node.outputs.secondary_capture import build_secondary_capture
+from dicom_node.process.rules import Rules, evaluate
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
@@ -95,6 +100,12 @@ class Processor:
         self.settings = settings
         self.model = model
         self.rules = rules
+
+    def warm_up(self, batch_size: int, should_stop: Callable[[], bool]) -> None:
+        """Trace every batch-size bucket up to ``batch_size`` before the first job (see ``explain.warm_up``)."""
+        from explain import warm_up
+
+        warm_up(self.model, batch_size, method=self.settings.explain.method, should_stop=should_stop)
 
     def prepare(self, index: int, source: Dataset) -> _Prepared | Outcome:
         """Eligibility, then viewer rendering and model input. Pure CPU work; safe to run on a thread pool."""
@@ -188,10 +199,9 @@ class Processor:
 
 def load_processor(settings: Settings) -> Processor:
     """Load the model and rules named by ``settings`` (imports TensorFlow)."""
+    from dicom_node.process.rules import load_rules
     from explain import configure_device
     from models.loading import load_model
-
-    from dicom_node.rules import load_rules
 
     device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
     log.info("device: %d GPU(s), mixed precision %s", device.gpus, "on" if device.mixed_precision else "off")
@@ -231,8 +241,8 @@ def _parse_spooled(data: bytes) -> Dataset | Failed:
 
 def deliver(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> Any:
     """Enqueue a processed job's outputs durably (SC, then ORU) and return the job's outcome."""
-    from dicom_node.store import JobState
-    from dicom_node.worker import JobOutcome
+    from dicom_node.process.worker import JobOutcome
+    from dicom_node.storage.jobs import JobState
 
     if isinstance(outcome, Processed):
         key = str(outcome.secondary_capture.SOPInstanceUID)
@@ -253,7 +263,7 @@ class _BatchResult:
 
 
 class ProcessorStages:
-    """The node's work as the pipelined worker's stages (``dicom_node.stages``): parse and render on the
+    """The node's work as the pipelined worker's stages (``dicom_node.process.stages``): parse and render on the
     decode pool, one model pass per batch, overlay + Secondary Capture + ORU on the output pool."""
 
     def __init__(self, processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> None:
@@ -281,36 +291,3 @@ class ProcessorStages:
         except CxrLensError as exc:
             outcome = Failed(f"{type(exc).__name__}: {exc}")
         return deliver(job.id, outcome, self.dicom_sender, self.hl7_sender)
-
-
-def compose(settings: Settings, processor: Processor | None = None) -> Any:
-    """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
-    from dicom_node.hl7.sender import HL7Sender
-    from dicom_node.node import Node
-    from dicom_node.outbox import Outbox
-    from dicom_node.scu import DicomSender
-    from dicom_node.store import outbox_path
-
-    processor = processor or load_processor(settings)
-    outbox = Outbox(outbox_path(settings.node.spool_dir))
-    dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
-                               max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
-                               retry_max_s=settings.node.retry_max_s)
-    hl7_sender = HL7Sender(outbox, settings.hl7) if settings.hl7.enabled else None
-
-    def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
-        verdict = evaluate(ds, processor.rules)
-        return verdict.eligible, verdict.rule, verdict.reason
-
-    work: dict[str, Any] = (
-        {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
-        else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
-    )
-    def warm_up(should_stop: Callable[[], bool]) -> None:
-        from explain import warm_up as trace_buckets
-
-        trace_buckets(processor.model, settings.worker.batch_size, method=settings.explain.method,
-                      should_stop=should_stop)
-
-    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
-                warm_up=warm_up if settings.worker.warm_up else None, **work)

@@ -1,0 +1,1 @@
+"""Delivery: one outbox-driven sender policy; C-STORE (DICOM) and MLLP (HL7) attempts."""

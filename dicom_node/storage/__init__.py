@@ -1,0 +1,1 @@
+"""Durable state: the content-addressed spool, the job queue and the outbox (SQLite)."""
