@@ -13,16 +13,59 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from dicom_node.errors import ModelError
-from dicom_node.settings import ModelSettings
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_WEIGHTS = DEMO_DIR / "cxr_lens_demo_cnn.keras"
+DEMO_PATH = "builtin:demo"
 Framework = Literal["keras", "tf_keras"]
+
+
+class ModelError(Exception):
+    """The model cannot be loaded or does not fit its specification; the message names the key and the file."""
+
+
+class ModelSpec(Protocol):
+    """What :func:`load_model` needs to know (the node's ``[model]`` settings have exactly these fields)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def preprocess(self) -> str: ...
+    @property
+    def target_layer(self) -> str: ...
+    @property
+    def is_demo(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """The shipped demo model's own facts (the node's ``[model]`` defaults name the same model)."""
+
+    path: str = DEMO_PATH
+    id: str = "cxr-lens-demo-cnn"
+    version: str = "1.0.0"
+    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
+    input_size: tuple[int, int] = (256, 256)
+    channels: int = 1
+    preprocess: str = "unit"
+    target_layer: str = "auto"
+
+    @property
+    def is_demo(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -69,7 +112,7 @@ def _load_network(path: Path) -> tuple[Any, Framework]:
     raise ModelError(f"model.path {path}: unsupported format {suffix!r} (use .keras, .h5 or a SavedModel directory)")
 
 
-def load_model(settings: ModelSettings) -> LoadedModel:
+def load_model(settings: ModelSpec) -> LoadedModel:
     """Load the configured model and check that it fits the configuration (input shape, number of labels)."""
     path = DEMO_WEIGHTS if settings.is_demo else Path(settings.path)
     try:
@@ -86,7 +129,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         network=network,
         framework=framework,
         labels=tuple(settings.labels),
-        input_size=tuple(settings.input_size),  # type: ignore[arg-type]
+        input_size=(int(settings.input_size[0]), int(settings.input_size[1])),
         channels=settings.channels,
         preprocess=settings.preprocess,
         model_id=settings.id,
@@ -98,7 +141,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 
 def load_demo_model() -> LoadedModel:
     """The shipped demo model with its embedded default settings."""
-    return load_model(ModelSettings())
+    return load_model(DemoSpec())
 
 
 def demo_metrics() -> dict[str, Any]:
@@ -106,7 +149,7 @@ def demo_metrics() -> dict[str, Any]:
     return json.loads((DEMO_DIR / "metrics.json").read_text(encoding="utf-8"))
 
 
-def _check_shapes(network: Any, settings: ModelSettings) -> None:
+def _check_shapes(network: Any, settings: ModelSpec) -> None:
     in_shape = tuple(network.inputs[0].shape)
     out_shape = tuple(network.outputs[0].shape)
     expected_in = (*settings.input_size, settings.channels)

@@ -14,10 +14,9 @@ pytestmark = pytest.mark.tf
 keras = pytest.importorskip("keras")
 tf_keras = pytest.importorskip("tf_keras")
 
-from dicom_node.errors import ModelError  # noqa: E402
 from dicom_node.settings import ModelSettings  # noqa: E402
 from models.architectures import build_seed_inception  # noqa: E402
-from models.loading import demo_metrics, load_demo_model, load_model  # noqa: E402
+from models.loading import DemoSpec, ModelError, demo_metrics, load_demo_model, load_model  # noqa: E402
 
 SEED_SETTINGS = dict(id="seed", version="1", labels=("covid19", "normal", "pneumonia"), channels=3)
 
@@ -104,6 +103,25 @@ def test_missing_and_unsupported_files(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     with pytest.raises(ModelError, match="not a SavedModel"):
         load_model(ModelSettings(path=str(tmp_path / "dir")))
+
+
+def test_node_model_defaults_name_the_demo_model_models_describes() -> None:
+    # models/ does not import dicom_node (no cycle), so the node's [model] defaults and the demo's own facts
+    # live in two places: they must agree.
+    node, demo = ModelSettings(), DemoSpec()
+    for field in ("path", "id", "version", "labels", "input_size", "channels", "preprocess", "target_layer",
+                  "is_demo"):
+        assert getattr(node, field) == getattr(demo, field), field
+
+
+def test_the_node_reports_a_model_that_cannot_load_as_its_own_model_error(tmp_path: Path) -> None:
+    from dicom_node.errors import ModelError as NodeModelError
+    from dicom_node.process.processor import load_processor
+    from dicom_node.settings import Settings
+
+    settings = Settings(model=ModelSettings(path=str(tmp_path / "none.keras")))
+    with pytest.raises(NodeModelError, match="model.path .*not found"):
+        load_processor(settings)
 
 
 def test_demo_model_loads_and_is_labelled_demo() -> None:

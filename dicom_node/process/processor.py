@@ -201,11 +201,16 @@ def load_processor(settings: Settings) -> Processor:
     """Load the model and rules named by ``settings`` (imports TensorFlow)."""
     from dicom_node.process.rules import load_rules
     from explain import configure_device
+    from models import loading as models_loading
     from models.loading import load_model
 
     device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
     log.info("device: %d GPU(s), mixed precision %s", device.gpus, "on" if device.mixed_precision else "off")
-    return Processor(settings, load_model(settings.model), load_rules(settings.rules_file))
+    try:
+        model = load_model(settings.model)
+    except models_loading.ModelError as exc:
+        raise ModelError(str(exc)) from exc
+    return Processor(settings, model, load_rules(settings.rules_file))
 
 
 def _part10_bytes(ds: Dataset) -> bytes:
