@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--sample", default="RG1_UNCR.dcm")
     args = parser.parse_args(argv)
+    from dicom_node.startup import configure_process
+
+    configure_process(log_to_stderr=False)  # as the CLI does for a node
     source = pydicom.dcmread(get_testdata_file(args.sample))
     uids = [generate_uid() for _ in range(args.n)]
     with tempfile.TemporaryDirectory(prefix="cxr-lens-bench-") as tmp:

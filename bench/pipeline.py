@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a configuration override, as for cxr-lens")
     args = parser.parse_args(argv)
+    from dicom_node.startup import configure_process
+
+    configure_process(log_to_stderr=False)  # as the CLI does for a node
 
     from dicom_node.node import compose
     from dicom_node.process.processor import load_processor

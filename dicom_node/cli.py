@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from dicom_node.errors import ConfigError, ModelError
-from dicom_node.receive.tls import TLSFileError, server_context
 from dicom_node.settings import Settings, load_settings
+from dicom_node.startup import configure_process
+from dicom_node.tls import TLSFileError, server_context
 
 EXIT_OK = 0
 EXIT_FAILED_INPUTS = 1
@@ -91,9 +92,7 @@ def _sink_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_process(verbose=args.verbose)
     try:
         if args.command == "explain":
             from dicom_node.commands import run_explain

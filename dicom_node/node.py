@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import pydicom.config
 from pydicom import Dataset
 
 from dicom_node.deliver.dicom import DicomSender
@@ -96,13 +95,6 @@ class Node:
             "outbox_items", "Outbox items by channel and state", ("channel", "state"),
             lambda: dict(self._outbox().counts()),
         )
-        # pynetdicom logs UIDs at INFO and whole data sets at DEBUG: keep it quiet unless configured explicitly.
-        pnd = logging.getLogger("pynetdicom")
-        if pnd.level == logging.NOTSET:
-            pnd.setLevel(logging.WARNING)
-        # pydicom's reading validation logs and warns with the offending value quoted (a malformed patient name
-        # or age included): values we only store and copy are not validated on reading (no PHI in logs).
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     def _outbox(self) -> Outbox:
         return self.dicom_sender.outbox

@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from dicom_node.errors import ConfigError
-from dicom_node.receive.tls import TLSFileError, client_context, server_context
+from dicom_node.tls import TLSFileError, client_context, server_context
 
 DEMO_MODEL = "builtin:demo"
 ENV_PREFIX = "CXR_LENS_"

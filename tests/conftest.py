@@ -9,8 +9,11 @@ import pytest
 from pydicom import config
 
 from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.startup import configure_process
 
-# Whatever the tests write must be valid DICOM (STYLE.md 11): invalid values raise instead of warning.
+# The process-wide settings the CLI applies at start-up (pytest keeps its own logging and warning filters).
+configure_process(log_to_stderr=False)
+# Whatever the tests write must be valid DICOM: invalid values raise instead of warning.
 config.settings.writing_validation_mode = config.RAISE
 
 

@@ -33,7 +33,6 @@ from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
 from dicom_node.receive.acceptor import ABORT_INVALID_PDU_PARAMETER, AcceptPolicy
 from dicom_node.receive.scp import StorageSCP
-from dicom_node.receive.tls import client_context, server_context
 from dicom_node.settings import (
     DestinationSettings,
     HL7Settings,
@@ -43,6 +42,7 @@ from dicom_node.settings import (
 from dicom_node.storage.jobs import JobQueue, jobs_path
 from dicom_node.storage.outbox import Outbox
 from dicom_node.storage.spool import Spool
+from dicom_node.tls import client_context, server_context
 from tests.node_harness import wait_until as _wait_until
 from tests.peers import (
     fake_secondary_capture,

@@ -16,7 +16,13 @@ tf_keras = pytest.importorskip("tf_keras")
 
 from dicom_node.settings import ModelSettings  # noqa: E402
 from models.architectures import build_seed_inception  # noqa: E402
-from models.loading import DemoSpec, ModelError, demo_metrics, load_demo_model, load_model  # noqa: E402
+from models.loading import (  # noqa: E402
+    DemoSpec,
+    ModelError,
+    demo_metrics,
+    load_demo_model,
+    load_model,
+)
 
 SEED_SETTINGS = dict(id="seed", version="1", labels=("covid19", "normal", "pneumonia"), channels=3)
 

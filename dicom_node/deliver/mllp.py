@@ -201,7 +201,7 @@ def send_message(
 ) -> Ack:
     """Send one message on a fresh connection and wait for its ACK; ``timeout_s`` bounds the whole exchange.
 
-    With ``ssl_context`` (see :func:`dicom_node.receive.tls.client_context`) the message goes over TLS; the receiver's
+    With ``ssl_context`` (see :func:`dicom_node.tls.client_context`) the message goes over TLS; the receiver's
     certificate is checked against ``host``. A TLS failure is ``CONNECTION_FAILED``.
 
     Returns the :class:`Ack` (whatever its code). Raises :class:`MLLPError` (outcome ``TIMEOUT``,

@@ -8,7 +8,6 @@ series with the same keys, so one source series gets one overlay series.
 
 from __future__ import annotations
 
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -26,12 +25,6 @@ from dicom_node.outputs.results import (
     NODE_MODEL_NAME,
     InferenceResult,
 )
-
-# highdicom warns about person names in the *source* header (e.g. a single-component referring physician); we
-# copy them unchanged, as the Patient and Study modules require. A filter set once here, not catch_warnings per
-# call: that swaps the filters of the whole process and races with other threads (pyproject repeats it for
-# pytest, which installs its own filters).
-warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 OVERLAY_SERIES_NUMBER = 9901

@@ -1,0 +1,36 @@
+"""Process-wide settings, applied once at start-up: the only place where CXR Lens changes global state.
+
+Nothing in the package changes a global at import time or in a constructor. The CLI calls
+:func:`configure_process` before any command runs; a program that embeds the node (a test, a benchmark) calls it
+the same way. Device set-up for the model (GPU memory growth, mixed precision) is explicit too, where the model is
+loaded (``process.processor.load_processor``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import pydicom.config
+
+
+def configure_process(*, verbose: bool = False, log_to_stderr: bool = True) -> None:
+    """Logging, library log levels, pydicom's reading validation and warning filters for this process."""
+    if log_to_stderr:
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # pynetdicom logs UIDs at INFO and whole data sets at DEBUG: quiet unless configured explicitly.
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    if pynetdicom_logger.level == logging.NOTSET:
+        pynetdicom_logger.setLevel(logging.WARNING)
+    # pydicom's reading validation quotes the offending value (a malformed patient name or age) in its warnings:
+    # values we only store and copy are not validated on reading (no PHI in logs).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # highdicom warns about person names in the source header (e.g. a single-component referring physician),
+    # which the SC copies unchanged as the Patient and Study modules require. Set once for the process:
+    # catch_warnings per call swaps the filters of the whole process and races with other threads.
+    warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+    # TensorFlow's C++ start-up chatter (set before TensorFlow is first imported, by a model load).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
