@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dicom_node", "explain", "models")
 FRAMEWORKS = ("tensorflow", "tf_keras", "keras", "jax", "jaxlib", "torch")
-# Rooms that build or keep things and never decide what happens next (ARCHITECTURE.md, "Boundaries").
+# Rooms that build or keep things and never decide what happens next (README, "Architecture").
 LOWER_ROOMS = ("receive", "storage", "imaging", "outputs")
 UPPER = ("dicom_node.process", "dicom_node.deliver", "dicom_node.node")
 

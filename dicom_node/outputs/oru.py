@@ -1,6 +1,6 @@
 """ORU^R01 (HL7 v2.5.1) for one explained radiograph: a pure function of its inputs.
 
-Profile (IHE RAD-132 as implemented in dcm4chee, see REFERENCE.md): MSH, PID, ORC, OBR, NTE (order level),
+Profile (IHE RAD-132 as implemented in dcm4chee): MSH, PID, ORC, OBR, NTE (order level),
 then one OBX per observation. AI output is preliminary: OBR-25 and every OBX-11 are ``P``.
 
 Escaping: every DICOM- or model-derived value is escaped exactly once, here (:func:`escape`, HL7 v2.5.1
@@ -42,7 +42,7 @@ DIAGNOSTIC_SERVICE_SECTION = "RAD"  # OBR-24, Table 0074
 RESULT_STATUS = "P"  # OBR-25 / OBX-11, Tables 0123 / 0085: preliminary
 COMMENT_SOURCE = "O"  # NTE-2, Table 0105: other system is the source of the comment
 UNITS_DIMENSIONLESS = ("1", "", "UCUM")
-# ED components 2-4 (REFERENCE.md). Table 0191 also lists "IM"; "Image" is what receivers commonly expect.
+# ED components 2-4 (HL7 v2.5.1 section 2.A.24). Table 0191 also lists "IM"; "Image" is what receivers commonly expect.
 ED_IMAGE_PNG = ("Image", "PNG", "Base64")
 SEX_CODES = {"M": "M", "F": "F", "O": "O"}  # DICOM (0010,0040) -> Table 0001; anything else present -> "U"
 CONTROL_ID_LENGTH = 20  # MSH-10 is ST(20) in v2.5.1

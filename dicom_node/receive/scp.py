@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_node.imaging.pixels import SUPPORTED_TRANSFER_SYNTAXES
 from dicom_node.ops.metrics import Metrics
 from dicom_node.receive.acceptor import (
     AcceptPolicy,
@@ -41,30 +42,6 @@ from dicom_node.receive.acceptor import (
 from dicom_node.settings import NodeSettings
 from dicom_node.storage.jobs import JobQueue
 from dicom_node.storage.spool import Spool, uid_hash
-
-try:
-    from dicom_node.imaging.pixels import SUPPORTED_TRANSFER_SYNTAXES
-except ModuleNotFoundError as exc:  # pixels.py is being written in parallel; this list mirrors what it decodes.
-    if exc.name != "dicom_node.imaging.pixels":
-        raise
-    SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (  # type: ignore[no-redef]
-        "1.2.840.10008.1.2",  # Implicit VR Little Endian
-        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000
-        "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
-        "1.2.840.10008.1.2.4.202",  # High-Throughput JPEG 2000 with RPCL Options Lossless Only
-        "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
-        "1.2.840.10008.1.2.5",  # RLE Lossless
-    )
 
 LOG = logging.getLogger(__name__)
 
