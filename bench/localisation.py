@@ -71,12 +71,13 @@ def randomised_copy(network: object, seed: int = 0) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from explain import METHODS
+    from explain import METHODS, configure_device
     from models.loading import load_demo_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=200)
     args = parser.parse_args(argv)
+    configure_device(mixed_precision=False)  # memory growth; maps in float32, as the figures were measured
     network = load_demo_model().network
     cases = positive_cases(args.cases)
     random_nets = [randomised_copy(network, seed) for seed in (1, 2, 3)]

@@ -1,6 +1,6 @@
 """Heatmap post-processing and overlay rendering: pure numpy/cv2, no TensorFlow.
 
-The CAM from :mod:`explain.cam` is non-negative (it ends in a ReLU, Selvaraju et al. 2017 eq. 2), so it is
+The CAM from :mod:`explain.engine` is non-negative (it ends in a ReLU, Selvaraju et al. 2017 eq. 2), so it is
 scaled by its own maximum rather than min-max stretched: zero keeps meaning "no evidence", and a map that is
 zero everywhere is reported as such instead of being stretched into noise. Every function returns new arrays
 and leaves its arguments untouched.

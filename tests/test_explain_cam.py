@@ -15,8 +15,9 @@ import tensorflow as tf
 import tf_keras
 
 import explain
-from explain import cam
-from explain.cam import MAX_BUCKET, GradCAM, GradientSource, explainer_for
+from explain import engine
+from explain.engine import MAX_BUCKET, GradientSource, explainer_for
+from explain.methods import GradCAM
 from models.architectures import build_demo_cnn, build_seed_inception
 
 pytestmark = pytest.mark.tf
@@ -371,20 +372,20 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
         ]
     )
     def pack(p: tf.Tensor, c: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
-        packed, map_shape = cam._pack(p, c, h)
+        packed, map_shape = engine._pack(p, c, h)
         shapes.append(map_shape)
         return packed
 
     flat = pack(probabilities, classes, heatmaps).numpy()
     assert flat.shape == (3 * 2 + 3 * 4 + 3 * 5 * 7 + 2,)
     assert shapes == [None]
-    p, c, h = cam._unpack(flat, 3, 4, None, keep)
+    p, c, h = engine._unpack(flat, 3, 4, None, keep)
     np.testing.assert_array_equal(p, probabilities[:keep])
     np.testing.assert_array_equal(c, classes[:keep])
     np.testing.assert_array_equal(h, heatmaps[:keep])
-    static, map_shape = cam._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
+    static, map_shape = engine._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
     assert map_shape == (5, 7)
-    np.testing.assert_array_equal(cam._unpack(static.numpy(), 3, 4, map_shape, keep)[2], heatmaps[:keep])
+    np.testing.assert_array_equal(engine._unpack(static.numpy(), 3, 4, map_shape, keep)[2], heatmaps[:keep])
 
 
 def test_direct_calls_reject_an_empty_batch_and_take_any_integer_classes(demo_images: np.ndarray) -> None:

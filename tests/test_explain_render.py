@@ -29,9 +29,9 @@ def test_the_lazy_public_names_resolve_once_to_the_engine() -> None:
     code = (
         "import sys, explain\n"
         "assert 'tensorflow' not in sys.modules and 'explain' not in vars(explain)\n"
-        "from explain import cam\n"
-        "assert explain.explain is cam.explain and explain.Explanation is cam.Explanation\n"
-        "assert vars(explain)['explain'] is cam.explain  # kept: later accesses skip the module __getattr__\n"
+        "from explain import engine\n"
+        "assert explain.explain is engine.explain and explain.Explanation is engine.Explanation\n"
+        "assert vars(explain)['explain'] is engine.explain  # kept: later accesses skip the module __getattr__\n"
         "try:\n"
         "    explain.nothing\n"
         "except AttributeError as exc:\n"

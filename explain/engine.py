@@ -1,9 +1,10 @@
-"""Class activation maps: one compiled pass gives the prediction and the heatmap together.
+"""The compiled pass: one traced call gives the prediction and the heatmap together.
 
 :class:`BaseCAM` owns the pass: a single ``tf.function`` that calls the network once (``training=False``),
 records the target feature maps ``A`` and the pre-softmax logits (see :mod:`explain.layers`), and takes
-``G = d y^c / d A`` inside the same graph. Each method overrides only :meth:`BaseCAM.weights`; the map is
-``ReLU(sum_k W_k * A_k)`` (Selvaraju et al. 2017, eq. 2, with ``W`` broadcastable to ``A``).
+``G = d y^c / d A`` inside the same graph. A method (see :mod:`explain.methods`) overrides only
+:meth:`BaseCAM.weights`; the map is ``ReLU(sum_k W_k * A_k)`` (Selvaraju et al. 2017, eq. 2, with ``W``
+broadcastable to ``A``).
 
 A method whose weights depend on ``G`` only through its spatial sum ``S_k = sum_ij G_ijk`` (Grad-CAM's eq. 1)
 also defines :meth:`BaseCAM.weights_from_sums`. When ``A`` feeds only a global average or max pooling ``p``,
@@ -16,18 +17,19 @@ Explaining the predicted class (what the node does) is one traced entry point wi
 input; naming classes traces a second one per bucket, on first use. Either returns its three results packed in
 one vector (see :func:`_pack`): for a small network at batch 1, each extra input or output of a traced call
 costs about a percent of the pass.
+
+:func:`explainer_for` keeps one explainer per (network, method, target layer); :func:`explain` and
+:func:`warm_up` are what callers use. Importing this module sets nothing up: see :mod:`explain.device`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,7 +40,6 @@ from explain.layers import AUTO, Head, HeadKind, capture, find_global_pooling, f
 logger = logging.getLogger(__name__)
 
 MAX_BUCKET = 32
-MIXED_PRECISION_ENV = "CXR_LENS_MIXED_PRECISION"
 _NO_CLASS = -1  # "explain the predicted class", resolved inside the graph
 
 
@@ -298,10 +299,6 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _spatial_mean(tensor: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tensor, axis=(1, 2), keepdims=True)
-
-
 def _area(feature_maps: tf.Tensor) -> tf.Tensor:
     """``Z = h * w`` of (B, h, w, k) maps, as float32 (static when the shape is known)."""
     height, width = feature_maps.shape[1], feature_maps.shape[2]
@@ -311,77 +308,12 @@ def _area(feature_maps: tf.Tensor) -> tf.Tensor:
     return tf.cast(shape[1] * shape[2], tf.float32)
 
 
-class GradCAM(BaseCAM):
-    """Selvaraju et al. 2017, eq. 1: ``alpha_k = (1/Z) sum_ij dy^c/dA^k_ij`` (y^c before the softmax)."""
-
-    name = "gradcam"
-    uses_gradient_sums = True
-
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        return _spatial_mean(gradients)
-
-    def weights_from_sums(self, gradient_sums: tf.Tensor, area: tf.Tensor) -> tf.Tensor:
-        return (gradient_sums / area)[:, tf.newaxis, tf.newaxis, :]
-
-
-class GuidedGradCAM(BaseCAM):
-    """The seed article's variant: ``alpha_k = mean_ij [A>0][G>0] G`` (only positive evidence at active units)."""
-
-    name = "gradcam-guided"
-
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        mask = tf.cast((activations > 0) & (gradients > 0), gradients.dtype)
-        return _spatial_mean(mask * gradients)
-
-
-class GradCAMPlusPlus(BaseCAM):
-    """Chattopadhay et al. 2018, eq. 19 and 10.
-
-    ``a_ij = G^2 / (2 G^2 + sum_ab A_ab G^3)`` (0 where the denominator is 0), ``w_k = sum_ij a_ij ReLU(G)``,
-    with ``G`` the gradient of the pre-softmax score (the exp(S) factor of eq. 19 is a positive per-image scale,
-    dropped as in common implementations).
-    """
-
-    name = "gradcam++"
-
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        squared = tf.square(gradients)
-        denominator = 2.0 * squared + tf.reduce_sum(activations, axis=(1, 2), keepdims=True) * squared * gradients
-        safe = tf.where(denominator != 0.0, denominator, tf.ones_like(denominator))
-        alpha = tf.where(denominator != 0.0, squared / safe, tf.zeros_like(squared))
-        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
-
-
-class HiResCAM(BaseCAM):
-    """Draelos & Carin 2020, eq. 5: element-wise ``W = G``, i.e. ``ReLU(sum_k G_k * A_k)`` without pooling."""
-
-    name = "hirescam"
-
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        return gradients
-
-
-class LayerCAM(BaseCAM):
-    """Jiang et al. 2021, eq. 7-8: element-wise ``W = ReLU(G)``, map ``ReLU(sum_k ReLU(G_k) * A_k)``."""
-
-    name = "layercam"
-
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        return tf.nn.relu(gradients)
-
-
-METHODS: Mapping[str, type[BaseCAM]] = MappingProxyType(
-    {method.name: method for method in (GradCAM, GuidedGradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM)}
-)
-
 _CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], BaseCAM]] = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
 
 
 def explainer_for(network: Any, method: str = "gradcam", target_layer: str | None = None) -> BaseCAM:
     """The cached explainer for (network, method, target layer); built on first use."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     requested = AUTO if target_layer is None else target_layer
     # Lock-free lookup first (a dict read is atomic): explain() calls this per batch, and the lock plus the
     # WeakKeyDictionary's bookkeeping cost ~1% of the demo CNN's pass at batch 1.
@@ -389,6 +321,11 @@ def explainer_for(network: Any, method: str = "gradcam", target_layer: str | Non
     explainer = None if per_network is None else per_network.get((method, requested))
     if explainer is not None:
         return explainer
+    # Imported on a miss only: the methods subclass BaseCAM, so this module cannot import them at its top.
+    from explain.methods import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     with _CACHE_LOCK:
         per_network = _CACHE.setdefault(network, {})
         explainer = per_network.get((method, requested))
@@ -483,61 +420,3 @@ def warm_up(
         explainer(np.zeros((bucket, *shape), dtype=np.float32), None)
         traced.append(bucket)
     return tuple(traced)
-
-
-@dataclass(frozen=True)
-class DeviceSetup:
-    """What :func:`configure_device` found and set."""
-
-    gpus: int
-    memory_growth: bool
-    mixed_precision: bool
-
-
-def _gpu_supports_float16(gpu: Any) -> bool:
-    details = tf.config.experimental.get_device_details(gpu)
-    return details.get("compute_capability", (0, 0)) >= (7, 0)
-
-
-def enable_memory_growth() -> bool:
-    """Let TensorFlow grow GPU memory on demand instead of taking all of it; True if set on every GPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    enabled = bool(gpus)
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            enabled = False
-            logger.warning("GPU %s was initialised before memory growth could be enabled", gpu.name)
-    return enabled
-
-
-def configure_device(mixed_precision: bool | None = None) -> DeviceSetup:
-    """Turn on GPU memory growth, and mixed precision where the GPU has fast float16 (compute capability >= 7).
-
-    Call before building or loading the model (the policy applies to models created afterwards).
-    ``mixed_precision`` None reads ``CXR_LENS_MIXED_PRECISION`` (1/0), else enables it when supported. The CAM
-    maths always runs in float32; on CPU nothing changes, so results there are identical.
-    """
-    growth = enable_memory_growth()
-    gpus = tf.config.list_physical_devices("GPU")
-    if mixed_precision is None:
-        setting = os.environ.get(MIXED_PRECISION_ENV)
-        mixed_precision = setting == "1" if setting is not None else True
-    enabled = bool(mixed_precision and gpus and all(_gpu_supports_float16(gpu) for gpu in gpus))
-    if enabled:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        try:
-            import tf_keras
-        except ImportError:
-            pass
-        else:
-            tf_keras.mixed_precision.set_global_policy("mixed_float16")
-        logger.info("mixed precision (float16 compute) enabled on %d GPU(s)", len(gpus))
-    return DeviceSetup(gpus=len(gpus), memory_growth=growth, mixed_precision=enabled)
-
-
-# Memory growth must be set before the first GPU op; importing explain.cam early is the usual way to get there.
-enable_memory_growth()
