@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hl7
@@ -25,7 +25,6 @@ from dicom_node.deliver.mllp import (
     DISPOSITIONS,
     MALFORMED_ACK,
     TIMEOUT,
-    Disposition,
     FramingError,
     MLLPError,
     build_ack,
@@ -34,6 +33,7 @@ from dicom_node.deliver.mllp import (
     send_message,
     unframe,
 )
+from dicom_node.deliver.sender import Disposition
 from dicom_node.outputs.oru import build_oru
 from dicom_node.peers.hl7_sink import HL7Sink, run_sink_forever
 from dicom_node.settings import HL7Settings
@@ -201,7 +201,10 @@ def test_one_table_maps_every_outcome() -> None:
 
 
 def test_parse_ack_reads_msa_and_err_text() -> None:
-    v25 = b"MSH|^~\\&|HS|IRIS|CXR|RAD|20240101||ACK^R01^ACK|A1|P|2.5.1\rMSA|AE|MSG0001\rERR|||207^x^HL70357|E||||no\\S\\good\r"
+    v25 = (
+        b"MSH|^~\\&|HS|IRIS|CXR|RAD|20240101||ACK^R01^ACK|A1|P|2.5.1\r"
+        b"MSA|AE|MSG0001\rERR|||207^x^HL70357|E||||no\\S\\good\r"
+    )
     ack = parse_ack(v25)
     assert (ack.code, ack.control_id, ack.text, ack.disposition) == ("AE", "MSG0001", "no^good", Disposition.PARK)
     v23 = b"MSH|^~\\&|HS|IRIS|CXR|RAD|20240101||ACK|A1|P|2.3\rMSA|AR|MSG0002\rERR|PID^1^3^204&Unknown key&HL70357\r"
@@ -213,7 +216,7 @@ def test_parse_ack_reads_msa_and_err_text() -> None:
 
 
 def test_build_ack_echoes_control_id_and_swaps_parties() -> None:
-    ack = hl7.parse(build_ack(message(7), "AE", "bad|value", now=datetime(2024, 1, 1, tzinfo=timezone.utc)))
+    ack = hl7.parse(build_ack(message(7), "AE", "bad|value", now=datetime(2024, 1, 1, tzinfo=UTC)))
     msh = ack.segment("MSH")
     assert [str(msh[i]) for i in (3, 4, 5, 6)] == ["HS_RESULTS", "HEALTHSHARE", "CXR_LENS", "RADIOLOGY"]
     assert str(msh[9]) == "ACK^R01^ACK"
@@ -422,7 +425,7 @@ def test_sink_receives_a_real_oru_and_numbering_continues(tmp_path: Path, outbox
         make_overlay(tiny_png()),
         HL7Settings(),
         message_control_id="ORU0000000000000001",
-        now=datetime(2024, 3, 5, tzinfo=timezone.utc),
+        now=datetime(2024, 3, 5, tzinfo=UTC),
     )
     out = tmp_path / "sink"
     out.mkdir()

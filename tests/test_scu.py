@@ -15,11 +15,11 @@ from dicom_node.deliver.dicom import (
     CHANNEL,
     AssociationOutcome,
     DicomSender,
-    Disposition,
     destination_key,
     store_status_disposition,
     store_status_text,
 )
+from dicom_node.deliver.sender import Disposition
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.settings import DestinationSettings, NodeSettings

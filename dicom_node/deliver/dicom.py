@@ -14,9 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
@@ -26,20 +24,15 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from dicom_node.deliver.sender import Disposition, OutboxSender, Outcome
 from dicom_node.ops.metrics import Metrics
 from dicom_node.settings import DestinationSettings
-from dicom_node.storage.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.storage.outbox import Outbox, OutboxItem
 from dicom_node.storage.spool import uid_hash
 
-LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHANNEL = "dicom"
-
-
-class Disposition(enum.StrEnum):
-    DONE = "done"
-    RETRY = "retry"
-    PARK = "park"
 
 
 #: C-STORE response statuses we name explicitly (PS3.4 Table B.2-1; PS3.7 Annex C).
@@ -115,12 +108,14 @@ def destination_key(dest: DestinationSettings) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
 
 
-class DicomSender:
+class DicomSender(OutboxSender):
     """Delivers Secondary Captures (DICOM Part 10 bytes) from the outbox to every configured destination.
 
     Items of one destination leave in FIFO order (the outbox head blocks the ones behind it until it is done
     or parked). Due items of one SOP Class / transfer syntax share an association.
     """
+
+    channel = CHANNEL
 
     def __init__(
         self,
@@ -135,20 +130,22 @@ class DicomSender:
         metrics: Metrics | None = None,
         poll_s: float = 0.25,
     ) -> None:
-        self.outbox = outbox
-        self.destinations = tuple(destinations)
+        super().__init__(outbox, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, metrics=metrics,
+                         poll_s=poll_s)
+        self._destinations = {destination_key(d): d for d in destinations}
         self.ae_title = ae_title
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu
-        self.metrics = metrics
-        self._poll_s = poll_s
         # Built once: the files were checked when the settings loaded.
         self._tls: dict[str, ssl.SSLContext] = {
-            destination_key(d): d.tls.context() for d in self.destinations if d.tls.enabled
+            key: d.tls.context() for key, d in self._destinations.items() if d.tls.enabled
         }
-        self._wake = threading.Event()
+
+    def destinations(self) -> Sequence[str]:
+        return tuple(self._destinations)
+
+    def describe(self, item: OutboxItem) -> str:
+        return f"SC {item.id} ({uid_hash(item.dedup_key)})"
 
     def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str) -> list[int]:
         """Store one SC for every destination; returns the outbox ids.
@@ -156,72 +153,34 @@ class DicomSender:
         ``resend=True``: when the same ``dedup_key`` was already delivered (a study sent to us again), the new
         SC replaces it and is delivered again.
         """
-        ids = [
-            self.outbox.enqueue(CHANNEL, destination_key(d), dedup_key, sc_dataset_bytes, resend=True)
-            for d in self.destinations
-        ]
+        ids = [self._store(key, dedup_key, sc_dataset_bytes, resend=True) for key in self._destinations]
         if not ids:
-            LOG.warning("no DICOM destinations configured: Secondary Capture not queued")
-        self._wake.set()
+            logger.warning("no DICOM destinations configured: Secondary Capture not queued")
         return ids
 
-    def run_forever(self, stop_event: threading.Event) -> None:
-        """Deliver until ``stop_event`` is set; wakes at once on :meth:`enqueue`, else when a retry is due."""
-        while not stop_event.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 (a sender bug must not end delivery; the item stays in the outbox)
-                LOG.exception("DICOM sender loop error")
-            self._wake.wait(self._seconds_to_next_due())
-            self._wake.clear()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _seconds_to_next_due(self) -> float:
-        now = time.time()
-        wait = self._poll_s
-        for dest in self.destinations:
-            head = self.outbox.head(CHANNEL, destination_key(dest))
-            if head is not None:
-                wait = min(wait, max(0.0, head.next_attempt_at - now))
-        return wait
-
-    def run_once(self) -> int:
-        """Attempt every due item once (per destination, FIFO); returns the number of C-STOREs attempted."""
-        return sum(self._serve(dest) for dest in self.destinations)
-
-    def _serve(self, dest: DestinationSettings) -> int:
-        key = destination_key(dest)
-        item = self.outbox.due(CHANNEL, key)
-        attempted = 0
-        while item is not None:
-            try:
-                ds = dcmread(BytesIO(item.payload))
-                context = (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
-            except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
-                self._settle(item, key, Disposition.PARK, AssociationOutcome.PAYLOAD_UNREADABLE.value)
-                item = self.outbox.due(CHANNEL, key)
-                continue
-            assoc = self._associate(dest, *context)
-            if not assoc.is_established:
-                outcome, detail = _association_failure(assoc)
-                self._settle(item, key, ASSOCIATION_DISPOSITION[outcome], detail)
-                return attempted + 1
-            try:
-                item, sent, keep_going = self._send_run(assoc, key, item, ds, context)
-                attempted += sent
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-            if not keep_going:
-                break
-        return attempted
+    def attempt(self, destination: str, item: OutboxItem, now: float | None) -> int:
+        """C-STORE ``item`` and the due items behind it with the same presentation context, over one association."""
+        try:
+            ds, context = _read(item)
+        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
+            self.settle(destination, item, _association_outcome(AssociationOutcome.PAYLOAD_UNREADABLE), now)
+            return 0
+        assoc = self._associate(self._destinations[destination], *context)
+        if not assoc.is_established:
+            outcome, detail = _association_failure(assoc)
+            self.settle(destination, item, _association_outcome(outcome, detail), now)
+            return 1
+        try:
+            return self._send_run(assoc, destination, item, ds, context, now)
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     def _send_run(
-        self, assoc: Association, key: str, item: OutboxItem, ds: Dataset, context: tuple[UID, UID]
-    ) -> tuple[OutboxItem | None, int, bool]:
-        """Send due items with the same context over one association; stops at a retry or a context change."""
+        self, assoc: Association, destination: str, item: OutboxItem, ds: Dataset, context: tuple[UID, UID],
+        now: float | None,
+    ) -> int:
+        """Send due items with the same context; stops at a retry, a dropped association or a context change."""
         sent = 0
         current: OutboxItem | None = item
         while current is not None:
@@ -229,27 +188,31 @@ class DicomSender:
             try:
                 status = assoc.send_c_store(ds)
             except (RuntimeError, ValueError):  # the association dropped under us
-                self._settle(current, key, Disposition.RETRY, AssociationOutcome.ABORTED.value)
-                return None, sent, False
+                self.settle(destination, current, _association_outcome(AssociationOutcome.ABORTED), now)
+                return sent
             if "Status" not in status:
-                self._settle(current, key, Disposition.RETRY, AssociationOutcome.NO_RESPONSE.value)
-                return None, sent, False
+                self.settle(destination, current, _association_outcome(AssociationOutcome.NO_RESPONSE), now)
+                return sent
             code = int(status.Status)
-            disposition = store_status_disposition(code)
-            self._settle(current, key, disposition, store_status_text(code, str(status.get("ErrorComment", ""))))
-            if disposition == Disposition.RETRY or not assoc.is_established:
-                return None, sent, False
-            current = self.outbox.due(CHANNEL, key)
+            outcome = Outcome(
+                store_status_disposition(code),
+                store_status_text(code),
+                # The ErrorComment is the peer's own text: outbox only.
+                store_status_text(code, str(status.get("ErrorComment", ""))),
+            )
+            self.settle(destination, current, outcome, now)
+            if outcome.disposition is Disposition.RETRY or not assoc.is_established:
+                return sent
+            current = self.due(destination, now)
             if current is None:
-                return None, sent, False
+                return sent
             try:
-                ds = dcmread(BytesIO(current.payload))
-                same = (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID)) == context
+                ds, next_context = _read(current)
             except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
-                same = False
-            if not same:
-                return current, sent, True  # new association for the next item (or park an unreadable one)
-        return None, sent, False
+                return sent  # run_once parks it
+            if next_context != context:
+                return sent  # run_once opens a new association for it
+        return sent
 
     def _associate(self, dest: DestinationSettings, sop_class: UID, transfer_syntax: UID) -> Association:
         ae = AE(ae_title=self.ae_title)
@@ -269,24 +232,17 @@ class DicomSender:
             tls_args=(tls, dest.host) if tls is not None else None,
         )
 
-    def _settle(self, item: OutboxItem, key: str, disposition: Disposition, detail: str) -> None:
-        ref = uid_hash(item.dedup_key)
-        if disposition == Disposition.DONE:
-            self.outbox.mark_done(item.id)
-            if self.metrics is not None:
-                self.metrics.sc_sent.inc()
-            LOG.info("SC %d (%s) delivered to %s: %s", item.id, ref, key, detail)
-        elif disposition == Disposition.RETRY:
-            delay = backoff_delay(item.attempts, self.retry_initial_s, self.retry_max_s)
-            self.outbox.mark_retry(item.id, detail, time.time() + delay)
-            if self.metrics is not None:
-                self.metrics.sc_retries.inc()
-            LOG.warning("SC %d (%s) to %s: %s; retry in %.1f s", item.id, ref, key, detail, delay)
-        else:
-            self.outbox.park(item.id, detail)
-            if self.metrics is not None:
-                self.metrics.sc_parked.inc()
-            LOG.error("SC %d (%s) to %s parked: %s", item.id, ref, key, detail)
+
+def _read(item: OutboxItem) -> tuple[Dataset, tuple[UID, UID]]:
+    """The SC in ``item`` and its presentation context (SOP Class, transfer syntax)."""
+    ds = dcmread(BytesIO(item.payload))
+    return ds, (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
+
+
+def _association_outcome(outcome: AssociationOutcome, detail: str = "") -> Outcome:
+    # The detail adds only PS3.8's named reject source and reason, no text of the peer's own: it may be logged.
+    text = detail or outcome.value
+    return Outcome(ASSOCIATION_DISPOSITION[outcome], text, text)
 
 
 def _association_failure(assoc: Association) -> tuple[AssociationOutcome, str]:

@@ -1,12 +1,12 @@
 """MLLP transport (HL7 v2.5.1 Appendix C, "MLLP release 1"): framing, one send with its ACK, and ACK building.
 
-Every outcome of a send maps to a :class:`Disposition` through the one table :data:`DISPOSITIONS`: the
-original- and enhanced-mode ACK codes (MSA-1) and the transport failures that leave no ACK at all.
+Every outcome of a send maps to a :class:`~dicom_node.deliver.sender.Disposition` (the policy every channel
+shares) through the one table :data:`DISPOSITIONS`: the original- and enhanced-mode ACK codes (MSA-1) and the
+transport failures that leave no ACK at all.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 import ssl
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from dicom_node.deliver.sender import Disposition
 from dicom_node.errors import DeliveryError
 from dicom_node.outputs.oru import (
     ENCODING_CHARACTERS,
@@ -30,14 +31,6 @@ START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
 ENCODING = "utf-8"  # ASCII messages are unchanged; MSH-18 says UNICODE UTF-8 when anything else is in them
 MAX_ACK_BYTES = 1 << 20
-
-
-class Disposition(enum.Enum):
-    """What the outbox does with an item after one attempt."""
-
-    DONE = "done"  # accepted: mark delivered
-    RETRY = "retry"  # try again later, with backoff; the item keeps its place at the head of the queue
-    PARK = "park"  # the receiver refused the content: retrying cannot help; alert a human
 
 
 # Outcomes without an MSA-1: named here so that they live in the same table as the ACK codes.
@@ -188,7 +181,7 @@ def _read_block(sock: socket.socket, deadline: float) -> bytes:
             raise FramingError("ACK longer than 1 MiB")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout("no ACK")
+            raise TimeoutError("no ACK")
         sock.settimeout(remaining)
         chunk = sock.recv(65536)
         if not chunk:
@@ -219,7 +212,7 @@ def send_message(
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock.sendall(frame(message))
                 ack = parse_ack(unframe(_read_block(sock, deadline)))
-    except (socket.timeout, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise MLLPError(TIMEOUT, f"no ACK within {timeout_s:g} s") from exc
     except (ssl.SSLError, OSError) as exc:  # refused, reset, unreachable, TLS failure
         raise MLLPError(CONNECTION_FAILED, f"{type(exc).__name__}: {exc}") from exc

@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +30,15 @@ LOG = logging.getLogger(__name__)
 PREFIX = "cxr_lens"
 # Latencies from a C-STORE answer (milliseconds) up to an inference batch (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class DeliveryCounters:
+    """One channel's delivery outcomes, counted by its sender as it settles each outbox item."""
+
+    sent: Counter
+    retries: Counter
+    parked: Counter
 
 
 class Metrics:
@@ -55,6 +65,12 @@ class Metrics:
         self.sc_retries = counter("sc_retries", "Secondary Capture deliveries scheduled for retry")
         self.hl7_sent = counter("hl7_sent", "ORU messages accepted by the HL7 receiver")
         self.hl7_parked = counter("hl7_parked", "ORU messages parked after an error ACK")
+        self.hl7_retries = counter("hl7_retries", "ORU deliveries scheduled for retry")
+        # Keyed by outbox channel: what each sender counts its outcomes on.
+        self._deliveries = {
+            "dicom": DeliveryCounters(sent=self.sc_sent, retries=self.sc_retries, parked=self.sc_parked),
+            "hl7": DeliveryCounters(sent=self.hl7_sent, retries=self.hl7_retries, parked=self.hl7_parked),
+        }
         self.cstore_seconds = Histogram(
             f"{PREFIX}_cstore_handler_seconds",
             "Time from C-STORE request to response in the handler",
@@ -68,6 +84,10 @@ class Metrics:
             registry=self.registry,
             buckets=_BUCKETS,
         )
+
+    def delivery(self, channel: str) -> DeliveryCounters:
+        """The sent/retries/parked counters of an outbox channel (``dicom``, ``hl7``); KeyError for others."""
+        return self._deliveries[channel]
 
     def register_gauges(
         self, name: str, doc: str, labels: tuple[str, ...], read: Callable[[], Mapping[tuple[str, ...], float]]
