@@ -40,6 +40,9 @@ class BackgroundSender(Protocol):
 
     def run_forever(self, stop_event: threading.Event) -> None: ...
 
+    def wake(self) -> None:
+        """End a wait in run_forever at once (the node is stopping)."""
+
 
 class Node:
     """One CXR Lens node: Storage SCP -> job queue -> worker -> outbox -> senders, plus /metrics and /healthz."""
@@ -65,10 +68,6 @@ class Node:
         self.queue = queue if queue is not None else JobQueue(jobs_path(settings.node.spool_dir))
         self.dicom_sender = dicom_sender
         self.hl7_sender = hl7_sender
-        # Senders built without metrics count on the node's registry (an HL7 sender opts in with `metrics = None`).
-        for sender in (dicom_sender, hl7_sender):
-            if sender is not None and getattr(sender, "metrics", False) is None:
-                sender.metrics = self.metrics  # type: ignore[union-attr]
         self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
         work = settings.worker
         if (process_batch is None) == (stages is None):
@@ -93,7 +92,7 @@ class Node:
         )
         self.metrics.register_gauges(
             "outbox_items", "Outbox items by channel and state", ("channel", "state"),
-            lambda: dict(self._outbox().counts()),
+            lambda: {key: float(n) for key, n in self._outbox().counts().items()},
         )
 
     def _outbox(self) -> Outbox:
@@ -144,6 +143,8 @@ class Node:
         self.worker.stop(timeout)
         self._stop_senders.set()
         self.dicom_sender.wake()
+        if self.hl7_sender is not None:
+            self.hl7_sender.wake()
         for thread in self._sender_threads.values():
             thread.join(timeout)
         self._sender_threads.clear()
@@ -187,10 +188,11 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
     """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
     processor = processor or load_processor(settings)
     outbox = Outbox(outbox_path(settings.node.spool_dir))
+    metrics = Metrics()  # one registry for the node and its senders
     dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
                                max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
-                               retry_max_s=settings.node.retry_max_s)
-    hl7_sender = HL7Sender(outbox, settings.hl7) if settings.hl7.enabled else None
+                               retry_max_s=settings.node.retry_max_s, metrics=metrics)
+    hl7_sender = HL7Sender(outbox, settings.hl7, metrics=metrics) if settings.hl7.enabled else None
 
     def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
         verdict = evaluate(ds, processor.rules)
@@ -204,5 +206,5 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
     def warm_up(should_stop: Callable[[], bool]) -> None:
         processor.warm_up(settings.worker.batch_size, should_stop)
 
-    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
+    return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
                 warm_up=warm_up if settings.worker.warm_up else None, **work)

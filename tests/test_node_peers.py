@@ -18,6 +18,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 
 from dicom_node.deliver.dicom import DicomSender
 from dicom_node.node import BackgroundSender, Node
+from dicom_node.ops.metrics import Metrics
 from dicom_node.ops.status import collect_status, format_status
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.process.worker import JobOutcome, ProcessBatch
@@ -65,9 +66,12 @@ def make_node(spool_dir: Path, destinations: tuple[DestinationSettings, ...], *,
         destinations=destinations,
     )
     outbox = Outbox(outbox_path(spool_dir))
+    metrics = Metrics()
     sender = DicomSender(outbox, destinations, ae_title=AE_TITLE, retry_initial_s=0.05, retry_max_s=0.5,
-                         timeout_s=10)
-    return Node(settings, process_batch=process(sender), dicom_sender=sender, hl7_sender=hl7_sender), outbox
+                         timeout_s=10, metrics=metrics)
+    node = Node(settings, process_batch=process(sender), dicom_sender=sender, hl7_sender=hl7_sender,
+                metrics=metrics)
+    return node, outbox
 
 
 def c_store(port: int, path: Path) -> int:
@@ -139,10 +143,9 @@ def test_two_nodes_in_one_process_have_separate_metrics(tmp_path: Path) -> None:
 
 
 class FakeHL7Sender:
-    """Anything with run_forever(stop_event) runs on its own thread and shows up in /healthz."""
+    """Anything with run_forever(stop_event) and wake() runs on its own thread and shows up in /healthz."""
 
     def __init__(self) -> None:
-        self.metrics = None
         self.started = threading.Event()
         self.stopped = threading.Event()
 
@@ -151,13 +154,15 @@ class FakeHL7Sender:
         stop_event.wait()
         self.stopped.set()
 
+    def wake(self) -> None:
+        pass  # run_forever waits on the stop event itself
+
 
 def test_hl7_sender_runs_with_the_node_and_stops_with_it(tmp_path: Path) -> None:
     hl7 = FakeHL7Sender()
     node, outbox = make_node(tmp_path / "spool", (), hl7_sender=hl7)
     with node:
         assert hl7.started.wait(5)
-        assert hl7.metrics is node.metrics  # adopted the node's registry
         health = json.loads(http_get(node.http_port, "/healthz")[1])
         assert health["components"]["hl7_sender"] is True
     assert hl7.stopped.is_set()
