@@ -53,11 +53,11 @@ def _percentile(values: list[float], q: float) -> float:
 class StageTimes:
     """Wraps the node's pipeline stages and records wall time per call (per image for the model pass)."""
 
-    def __init__(self, stages: Any, names: dict[str, str] | None = None) -> None:
+    def __init__(self, stages: Any) -> None:
         self.samples: dict[str, list[float]] = defaultdict(list)
         self._lock = threading.Lock()
-        for name, attribute in (names or {"prepare": "prepare", "infer": "infer", "finish": "finish"}).items():
-            setattr(stages, attribute, self._timed(name, getattr(stages, attribute)))
+        for name in ("prepare", "infer", "finish"):
+            setattr(stages, name, self._timed(name, getattr(stages, name)))
 
     def _timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any) -> Any:
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = settings.worker.batch_size
         forward = _forward_ms(processor, batch)
         node = compose(settings, processor)
-        if settings.worker.pipelined:
-            stages = StageTimes(node.worker._stages)
-        else:  # one thread: the Processor's own steps (the model pass is not timed apart)
-            stages = StageTimes(processor, {"prepare": "prepare", "finish": "_outputs"})
+        stages = StageTimes(node.worker.stages)
         print(f"model {processor.model.model_id}; CPU cores {os.cpu_count()}; batch {batch}; "
               f"overlay cap {settings.pixels.overlay_max_long_side}; reduced decode {settings.pixels.reduced_decode}; "
               f"pipelined {settings.worker.pipelined}; decode threads {settings.worker.decode_threads}; "

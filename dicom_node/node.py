@@ -17,15 +17,9 @@ from pydicom import Dataset
 from dicom_node.deliver.dicom import DicomSender
 from dicom_node.deliver.hl7 import HL7Sender
 from dicom_node.ops.metrics import Metrics, MetricsServer
-from dicom_node.process.processor import (
-    Processor,
-    ProcessorStages,
-    load_processor,
-    make_process_batch,
-)
+from dicom_node.process.processor import Processor, ProcessorStages, load_processor
 from dicom_node.process.rules import evaluate
-from dicom_node.process.stages import StagedWorker, Stages
-from dicom_node.process.worker import ProcessBatch, Worker
+from dicom_node.process.worker import Stages, Worker
 from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.storage.jobs import JobQueue, jobs_path
@@ -51,8 +45,7 @@ class Node:
         self,
         settings: Settings,
         *,
-        process_batch: ProcessBatch | None = None,
-        stages: Stages | None = None,
+        stages: Stages,
         dicom_sender: DicomSender,
         hl7_sender: BackgroundSender | None = None,
         rules_check: RulesCheck | None = None,
@@ -70,19 +63,13 @@ class Node:
         self.hl7_sender = hl7_sender
         self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
         work = settings.worker
-        if (process_batch is None) == (stages is None):
-            raise ValueError("give exactly one of process_batch and stages")
-        self.worker: Worker
-        if stages is not None:
-            self.worker = StagedWorker(
-                self.queue, self.spool, stages, batch_size=work.batch_size, batch_wait_ms=work.batch_wait_ms,
-                decode_threads=work.decode_threads, output_threads=work.output_threads, metrics=self.metrics,
-                warm_up=warm_up,
-            )
-        else:
-            assert process_batch is not None
-            self.worker = Worker(self.queue, self.spool, process_batch, batch_size=work.batch_size,
-                                 batch_wait_ms=work.batch_wait_ms, metrics=self.metrics, warm_up=warm_up)
+        # pipelined = false: one thread per stage, and no batch claimed before the model is done with the last
+        self.worker = Worker(
+            self.queue, self.spool, stages, batch_size=work.batch_size, batch_wait_ms=work.batch_wait_ms,
+            decode_threads=work.decode_threads if work.pipelined else 1,
+            output_threads=work.output_threads if work.pipelined else 1,
+            prefetch=1 if work.pipelined else 0, metrics=self.metrics, warm_up=warm_up,
+        )
         self.http: MetricsServer | None = None
         self._stop_senders = threading.Event()
         self._sender_threads: dict[str, threading.Thread] = {}
@@ -184,7 +171,7 @@ class Node:
         self.stop()
 
 
-def compose(settings: Settings, processor: Processor | None = None) -> Any:
+def compose(settings: Settings, processor: Processor | None = None) -> Node:
     """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
     processor = processor or load_processor(settings)
     outbox = Outbox(outbox_path(settings.node.spool_dir))
@@ -198,13 +185,9 @@ def compose(settings: Settings, processor: Processor | None = None) -> Any:
         verdict = evaluate(ds, processor.rules)
         return verdict.eligible, verdict.rule, verdict.reason
 
-    work: dict[str, Any] = (
-        {"stages": ProcessorStages(processor, dicom_sender, hl7_sender)} if settings.worker.pipelined
-        else {"process_batch": make_process_batch(processor, dicom_sender, hl7_sender)}
-    )
-
     def warm_up(should_stop: Callable[[], bool]) -> None:
         processor.warm_up(settings.worker.batch_size, should_stop)
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
-                warm_up=warm_up if settings.worker.warm_up else None, **work)
+                warm_up=warm_up if settings.worker.warm_up else None,
+                stages=ProcessorStages(processor, dicom_sender, hl7_sender))

@@ -93,6 +93,8 @@ class PixelSettings(_Section):
 class WorkerSettings(_Section):
     batch_size: int = Field(16, ge=1, le=256)
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
+    # false: the same worker with one thread per stage and no batch claimed ahead of the model (decode_threads
+    # and output_threads are then ignored); for debugging and for measuring the stages one at a time.
     pipelined: bool = True
     decode_threads: int = Field(2, ge=1, le=64)
     output_threads: int = Field(2, ge=1, le=64)

@@ -160,14 +160,15 @@ def test_a_non_finite_model_output_fails_the_image_by_name(field: str) -> None:
     import dataclasses
 
     from dicom_node.errors import ModelError
-    from dicom_node.process.processor import load_processor
+    from dicom_node.process.processor import ModelResult, Prepared, load_processor
     from explain import explain
 
     processor = load_processor(load_settings())
-    item = processor.prepare(0, pydicom.dcmread(sample("RG1_UNCR.dcm")))
+    item = processor.prepare(pydicom.dcmread(sample("RG1_UNCR.dcm")))
+    assert isinstance(item, Prepared)
     good = explain(processor.model, item.model_input[np.newaxis])
-    assert processor._outputs(item, good, 0, 1.0).result.label in ("no_finding", "focal_opacity")
+    assert processor.build_outputs(item, ModelResult(good, 0, 1.0)).result.label in ("no_finding", "focal_opacity")
     broken = np.array(getattr(good, field))
     broken[0].flat[0] = np.nan
     with pytest.raises(ModelError, match="not finite"):
-        processor._outputs(item, dataclasses.replace(good, **{field: broken}), 0, 1.0)
+        processor.build_outputs(item, ModelResult(dataclasses.replace(good, **{field: broken}), 0, 1.0))

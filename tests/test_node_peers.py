@@ -1,4 +1,4 @@
-"""Whole node on free ports with a fake process_batch: our sink and Orthanc as PACS, HTTP, status, restart."""
+"""Whole node on free ports with fake stages: our sink and Orthanc as PACS, HTTP, status, restart."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from dicom_node.node import BackgroundSender, Node
 from dicom_node.ops.metrics import Metrics
 from dicom_node.ops.status import collect_status, format_status
 from dicom_node.peers.dicom_sink import DicomSink
-from dicom_node.process.worker import JobOutcome, ProcessBatch
+from dicom_node.process.worker import JobOutcome, Stages
 from dicom_node.settings import (
     DestinationSettings,
     NodeSettings,
@@ -43,21 +43,25 @@ from tests.peers import (
 AE_TITLE = "CXRLENS"
 
 
-def fake_process_batch(sender: DicomSender) -> ProcessBatch:
-    """Stands in for pipeline's process_batch: builds an SC of the same study and puts it in the outbox."""
+class FakeStages:
+    """Stands in for the processor's stages: builds an SC of the same study and puts it in the outbox."""
 
-    def process(items: list[tuple[Job, bytes]]) -> list[JobOutcome]:
-        outcomes = []
-        for job, data in items:
-            sender.enqueue(fake_secondary_capture(data), dedup_key=job.spool_key)
-            outcomes.append(JobOutcome(job.id, JobState.DONE))
-        return outcomes
+    def __init__(self, sender: DicomSender) -> None:
+        self.sender = sender
 
-    return process
+    def prepare(self, job: Job, data: bytes) -> bytes:
+        return data
+
+    def infer(self, items: Sequence[bytes]) -> list[bytes]:
+        return list(items)
+
+    def finish(self, job: Job, item: bytes, result: bytes) -> JobOutcome:
+        self.sender.enqueue(fake_secondary_capture(item), dedup_key=job.spool_key)
+        return JobOutcome(job.id, JobState.DONE)
 
 
 def make_node(spool_dir: Path, destinations: tuple[DestinationSettings, ...], *, port: int = 0,
-              process: Callable[[DicomSender], ProcessBatch] = fake_process_batch,
+              stages: Callable[[DicomSender], Stages] = FakeStages,
               hl7_sender: BackgroundSender | None = None) -> tuple[Node, Outbox]:
     settings = Settings(
         node=NodeSettings(ae_title=AE_TITLE, host="127.0.0.1", port=port, http_port=0, spool_dir=spool_dir,
@@ -69,8 +73,7 @@ def make_node(spool_dir: Path, destinations: tuple[DestinationSettings, ...], *,
     metrics = Metrics()
     sender = DicomSender(outbox, destinations, ae_title=AE_TITLE, retry_initial_s=0.05, retry_max_s=0.5,
                          timeout_s=10, metrics=metrics)
-    node = Node(settings, process_batch=process(sender), dicom_sender=sender, hl7_sender=hl7_sender,
-                metrics=metrics)
+    node = Node(settings, stages=stages(sender), dicom_sender=sender, hl7_sender=hl7_sender, metrics=metrics)
     return node, outbox
 
 
@@ -188,19 +191,17 @@ def test_status_reports_failures_and_parked_items_without_phi(tmp_path: Path) ->
     refusing.start()
     spool_dir = tmp_path / "spool"
 
-    def failing_then_ok(sender: DicomSender) -> ProcessBatch:
-        calls = {"n": 0}
+    class FailingThenOk(FakeStages):
+        calls = 0
 
-        def process(items: list[tuple[Job, bytes]]) -> list[JobOutcome]:
-            calls["n"] += 1
-            if calls["n"] == 1:
+        def infer(self, items: Sequence[bytes]) -> list[bytes]:
+            self.calls += 1
+            if self.calls == 1:
                 raise ValueError("Doe^Jane")  # a third-party message that might quote the data set
-            return fake_process_batch(sender)(items)
-
-        return process
+            return super().infer(items)
 
     node, outbox = make_node(spool_dir, (DestinationSettings(ae_title="PACS", host="127.0.0.1",
-                                                             port=refusing.port),), process=failing_then_ok)
+                                                             port=refusing.port),), stages=FailingThenOk)
     try:
         with node:
             assert c_store(node.scp_port, sample("RG1_UNCR.dcm")) == 0

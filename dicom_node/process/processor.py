@@ -1,5 +1,8 @@
 """The one place where the stages are wired: render -> explain -> overlay -> Secondary Capture + ORU.
 
+:class:`Processor` does one image's steps (``prepare``, ``infer`` for a batch, ``build_outputs``);
+:class:`ProcessorStages` runs them as the worker's stages and enqueues the outputs in the outbox.
+
 TensorFlow is reached only from here (through ``models`` and ``explain``), and only when a
 :class:`Processor` is built, so importing this module stays cheap for the network-only commands.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,9 @@ from dicom_node.outputs.results import (
 )
 from dicom_node.outputs.secondary_capture import build_secondary_capture
 from dicom_node.process.rules import Rules, evaluate
+from dicom_node.process.worker import JobOutcome
 from dicom_node.settings import Settings
+from dicom_node.storage.jobs import Job, JobState
 
 if TYPE_CHECKING:
     from models.loading import LoadedModel
@@ -69,12 +74,22 @@ Outcome = Processed | NotEligible | Failed
 
 
 @dataclass
-class _Prepared:
-    index: int
+class Prepared:
+    """An eligible image rendered for the viewer and for the model (``Processor.prepare``)."""
+
     source: Dataset
     display: np.ndarray
     model_input: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One image's share of a batch's model pass: the batch's explanation and this image's row in it."""
+
+    explanation: Any
+    index: int
+    explain_ms: float  # the pass's time divided by the batch size
 
 
 def _ms(start: float) -> float:
@@ -96,7 +111,7 @@ def encode_png(rgb: np.ndarray, max_long_side: int | None = None) -> bytes:
 class Processor:
     """Turns source datasets into outputs. One per process; holds the loaded model."""
 
-    def __init__(self, settings: Settings, model: "LoadedModel", rules: Rules) -> None:
+    def __init__(self, settings: Settings, model: LoadedModel, rules: Rules) -> None:
         self.settings = settings
         self.model = model
         self.rules = rules
@@ -107,7 +122,7 @@ class Processor:
 
         warm_up(self.model, batch_size, method=self.settings.explain.method, should_stop=should_stop)
 
-    def prepare(self, index: int, source: Dataset) -> _Prepared | Outcome:
+    def prepare(self, source: Dataset) -> Prepared | NotEligible | Failed:
         """Eligibility, then viewer rendering and model input. Pure CPU work; safe to run on a thread pool."""
         verdict = evaluate(source, self.rules)
         if not verdict.eligible:
@@ -125,49 +140,47 @@ class Processor:
             return Failed(f"{type(exc).__name__}: {exc}")
         image = display.pixels
         x = pixels.model_input(image, self.model.input_size, self.model.channels, self.model.preprocess)
-        return _Prepared(index, source, image, x, {"render": _ms(t)})
+        return Prepared(source, image, x, {"render": _ms(t)})
 
-    def process(self, sources: list[Dataset]) -> list[Outcome]:
-        """Process a batch: every source gets exactly one outcome, in order."""
-        outcomes: list[Outcome | None] = [None] * len(sources)
-        prepared: list[_Prepared] = []
-        for i, ds in enumerate(sources):
-            item = self.prepare(i, ds)
-            if isinstance(item, _Prepared):
-                prepared.append(item)
-            else:
-                outcomes[i] = item
-        if prepared:
-            for item, outcome in zip(prepared, self.explain_prepared(prepared)):
-                outcomes[item.index] = outcome
-        return [o if o is not None else Failed("internal: no outcome") for o in outcomes]
-
-    def explain_prepared(self, prepared: list[_Prepared]) -> list[Outcome]:
+    def infer(self, items: Sequence[Prepared]) -> list[ModelResult]:
+        """One model pass (prediction and heatmap) over a batch; one result per item, in order."""
         from explain import explain
 
-        cfg = self.settings.explain
         t = time.perf_counter()
-        explanation = explain(self.model, np.stack([p.model_input for p in prepared]), method=cfg.method)
-        explain_ms = _ms(t) / len(prepared)
-        results: list[Outcome] = []
-        for b, item in enumerate(prepared):
-            try:
-                results.append(self._outputs(item, explanation, b, explain_ms))
-            except CxrLensError as exc:
-                results.append(Failed(f"{type(exc).__name__}: {exc}"))
-        return results
+        explanation = explain(self.model, np.stack([p.model_input for p in items]),
+                              method=self.settings.explain.method)
+        per_image = _ms(t) / len(items)
+        return [ModelResult(explanation, b, per_image) for b in range(len(items))]
 
-    def _outputs(self, item: _Prepared, explanation: Any, b: int, explain_ms: float) -> Processed:
+    def process(self, sources: Sequence[Dataset]) -> list[Outcome]:
+        """Every step for a batch of datasets (the offline ``explain`` command): one outcome per source, in order."""
+        items = [self.prepare(ds) for ds in sources]
+        prepared = [item for item in items if isinstance(item, Prepared)]
+        results = iter(self.infer(prepared) if prepared else [])
+        outcomes: list[Outcome] = []
+        for item in items:
+            if not isinstance(item, Prepared):
+                outcomes.append(item)
+                continue
+            try:
+                outcomes.append(self.build_outputs(item, next(results)))
+            except CxrLensError as exc:
+                outcomes.append(Failed(f"{type(exc).__name__}: {exc}"))
+        return outcomes
+
+    def build_outputs(self, item: Prepared, model_result: ModelResult) -> Processed:
+        """Overlay, Secondary Capture and ORU for one image; raises :class:`ModelError` on a non-finite output."""
         from explain.overlay import compose_overlay, legend_lines
         from explain.render import normalise
 
         cfg = self.settings.explain
         model = self.model
+        explanation, b, explain_ms = model_result.explanation, model_result.index, model_result.explain_ms
         if not (np.isfinite(explanation.probabilities[b]).all() and np.isfinite(explanation.heatmaps[b]).all()):
             # A broken model (NaN weights, an overflow in float16): fail the job by name rather than send "nan"
             # probabilities to HealthShare or a heatmap that cannot be drawn.
             raise ModelError("the model's output is not finite (NaN or infinity); no result was sent")
-        probs = {label: float(p) for label, p in zip(model.labels, explanation.probabilities[b])}
+        probs = {label: float(p) for label, p in zip(model.labels, explanation.probabilities[b], strict=True)}
         class_index = int(explanation.class_index[b])
         label = model.labels[class_index]
         heat = normalise(explanation.heatmaps[b], no_evidence_threshold=cfg.no_evidence_threshold)
@@ -219,24 +232,6 @@ def _part10_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def make_process_batch(processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> Any:
-    """The worker's ``process_batch``: spooled bytes -> outcomes, with outputs stored in the outbox first.
-
-    Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
-    and the outbox's de-duplication key (the overlay's SOP Instance UID) keeps it from being delivered twice.
-    """
-    def process_batch(items: list[tuple[Any, bytes]]) -> list[Any]:
-        parsed = [(job, _parse_spooled(data)) for job, data in items]
-        datasets = [d for _, d in parsed if isinstance(d, Dataset)]
-        results = iter(processor.process(datasets) if datasets else [])
-        return [
-            deliver(job.id, next(results) if isinstance(d, Dataset) else d, dicom_sender, hl7_sender)
-            for job, d in parsed
-        ]
-
-    return process_batch
-
-
 def _parse_spooled(data: bytes) -> Dataset | Failed:
     try:
         return pydicom.dcmread(io.BytesIO(data))
@@ -244,11 +239,12 @@ def _parse_spooled(data: bytes) -> Dataset | Failed:
         return Failed(f"spooled instance does not parse ({type(exc).__name__})")
 
 
-def deliver(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> Any:
-    """Enqueue a processed job's outputs durably (SC, then ORU) and return the job's outcome."""
-    from dicom_node.process.worker import JobOutcome
-    from dicom_node.storage.jobs import JobState
+def enqueue_outputs(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> JobOutcome:
+    """Enqueue a processed job's outputs in the outbox (SC, then ORU) and return the job's outcome.
 
+    Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
+    and the outbox's de-duplication key (the overlay's SOP Instance UID) keeps it from being delivered twice.
+    """
     if isinstance(outcome, Processed):
         key = str(outcome.secondary_capture.SOPInstanceUID)
         dicom_sender.enqueue(_part10_bytes(outcome.secondary_capture), dedup_key=key)
@@ -260,39 +256,29 @@ def deliver(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | 
     return JobOutcome(job_id, JobState.FAILED, reason=outcome.reason)
 
 
-@dataclass(frozen=True)
-class _BatchResult:
-    explanation: Any
-    index: int
-    explain_ms: float
-
-
 class ProcessorStages:
-    """The node's work as the pipelined worker's stages (``dicom_node.process.stages``): parse and render on the
-    decode pool, one model pass per batch, overlay + Secondary Capture + ORU on the output pool."""
+    """The node's work as the worker's :class:`~dicom_node.process.worker.Stages`: parse and render on the decode
+    pool, one model pass per batch, overlay + Secondary Capture + ORU (enqueued in the outbox) on the output pool.
+
+    A stage that raises (``build_outputs``' :class:`ModelError`, for one) fails its job in the worker, with our
+    own errors' messages as the reason.
+    """
 
     def __init__(self, processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> None:
         self.processor = processor
         self.dicom_sender = dicom_sender
         self.hl7_sender = hl7_sender
 
-    def prepare(self, job: Any, data: bytes) -> Any:
+    def prepare(self, job: Job, data: bytes) -> Prepared | JobOutcome:
         ds = _parse_spooled(data)
-        item = self.processor.prepare(0, ds) if isinstance(ds, Dataset) else ds
-        return item if isinstance(item, _Prepared) else deliver(job.id, item, self.dicom_sender, self.hl7_sender)
+        item = self.processor.prepare(ds) if isinstance(ds, Dataset) else ds
+        if isinstance(item, Prepared):
+            return item
+        return enqueue_outputs(job.id, item, self.dicom_sender, self.hl7_sender)
 
-    def infer(self, items: list[_Prepared]) -> list[_BatchResult]:
-        from explain import explain
+    def infer(self, items: Sequence[Prepared]) -> list[ModelResult]:
+        return self.processor.infer(items)
 
-        t = time.perf_counter()
-        explanation = explain(self.processor.model, np.stack([p.model_input for p in items]),
-                              method=self.processor.settings.explain.method)
-        per_image = _ms(t) / len(items)
-        return [_BatchResult(explanation, b, per_image) for b in range(len(items))]
-
-    def finish(self, job: Any, item: _Prepared, result: _BatchResult) -> Any:
-        try:
-            outcome: Outcome = self.processor._outputs(item, result.explanation, result.index, result.explain_ms)
-        except CxrLensError as exc:
-            outcome = Failed(f"{type(exc).__name__}: {exc}")
-        return deliver(job.id, outcome, self.dicom_sender, self.hl7_sender)
+    def finish(self, job: Job, item: Prepared, result: ModelResult) -> JobOutcome:
+        outputs = self.processor.build_outputs(item, result)
+        return enqueue_outputs(job.id, outputs, self.dicom_sender, self.hl7_sender)

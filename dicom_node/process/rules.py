@@ -29,7 +29,7 @@ class Rule(BaseModel):
     reason: str = ""
 
     @model_validator(mode="after")
-    def _one_test(self) -> "Rule":
+    def _one_test(self) -> Rule:
         if (self.any_of is None) == (self.none_of is None):
             raise ValueError(f"rule {self.name!r}: give exactly one of any_of, none_of")
         return self

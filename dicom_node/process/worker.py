@@ -1,26 +1,41 @@
-"""The worker thread: claims pending jobs in batches, hands them to the injected ``process_batch``, records outcomes.
+"""The worker: claims pending jobs in batches and runs them through three overlapping stages.
 
-``process_batch`` (wired in ``node.compose``) renders, infers, explains and enqueues the outputs in the
-outbox itself; the worker only moves job states. Nothing it receives can kill the thread: an exception fails
-that batch's jobs with a reason and the loop goes on.
+  feeder thread   claims a batch (waiting up to ``batch_wait_ms`` for it to fill, across every association:
+                  images of concurrent studies share model batches) and submits each job's ``prepare``
+                  (spool read, parse, eligibility, render) to the decode pool; at most ``prefetch`` batches
+                  are claimed ahead of the one the model is on;
+  model thread    waits for a batch's prepared items in claim order and runs ``infer`` on them (one compiled
+                  pass per batch), then hands each item to the output pool;
+  output pool     ``finish`` builds the outputs, enqueues them durably and returns the job's outcome; at most
+                  ``2 x batch_size`` items wait there.
+
+With ``decode_threads=1, output_threads=1, prefetch=0`` the same code is the sequential worker: the next batch
+is claimed only once the model is done with the one in hand. :class:`Stages` is the worker's only contract with
+the processor. A stage that raises fails only the jobs in hand, with a reason (:func:`failure_reason`); the
+threads go on. On stop, jobs claimed but not yet finished stay in state ``processing`` and are requeued at the
+next start, like a crash.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from dicom_node.errors import CxrLensError
 from dicom_node.ops.metrics import Metrics
 from dicom_node.storage.jobs import Job, JobQueue, JobState
-from dicom_node.storage.spool import Spool, SpoolError
+from dicom_node.storage.spool import Spool
 
-LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
-_FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
 
 
 @dataclass(frozen=True)
@@ -33,7 +48,21 @@ class JobOutcome:
     reason: str = ""
 
 
-ProcessBatch = Callable[[list[tuple[Job, bytes]]], list[JobOutcome]]
+class Stages(Protocol):
+    """What the worker runs. ``prepare`` and ``finish`` run on pools, ``infer`` on one thread."""
+
+    def prepare(self, job: Job, data: bytes) -> Any:
+        """Parse and render one job; return the item for ``infer``, or a final :class:`JobOutcome`."""
+
+    def infer(self, items: Sequence[Any]) -> Sequence[Any]:
+        """Run the model once on the batch; one result per item, in order."""
+
+    def finish(self, job: Job, item: Any, result: Any) -> JobOutcome:
+        """Turn one item and its model result into stored outputs; return the job's outcome."""
+
+
+class StageContractError(CxrLensError):
+    """A stage broke the :class:`Stages` contract (a result count or an outcome that does not fit its jobs)."""
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -46,87 +75,164 @@ def failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _checked(job: Job, outcome: JobOutcome) -> JobOutcome:
+    if outcome.job_id != job.id:
+        raise StageContractError(f"outcome for job {outcome.job_id} returned for job {job.id}")
+    if outcome.state not in FINAL_STATES:
+        raise StageContractError(f"invalid outcome state {str(outcome.state)!r}")
+    return outcome
+
+
+@dataclass
+class _Batch:
+    jobs: list[Job]
+    prepared: list[Future[Any]]  # one per job, in claim order: an item for infer or a JobOutcome
+
+
 class Worker:
-    """A thread that processes the job queue in batches of up to ``batch_size``.
+    """Claims jobs in batches of up to ``batch_size`` and runs them through ``stages`` (see the module docstring).
 
     After the first job of a batch is claimed it waits up to ``batch_wait_ms`` for more, so a study's images
-    arriving together share one inference pass, while a lone image waits at most ``batch_wait_ms``.
+    arriving together share one inference pass, while a lone image waits at most ``batch_wait_ms``. ``warm_up``
+    runs on the feeder before the first claim (jobs arriving meanwhile wait in the queue); ``model_ready`` is set
+    when it is over, at once without one.
     """
 
     def __init__(
         self,
-        queue: JobQueue,
+        queue_: JobQueue,
         spool: Spool,
-        process_batch: ProcessBatch,
+        stages: Stages,
         *,
         batch_size: int = 16,
         batch_wait_ms: int = 50,
+        decode_threads: int = 2,
+        output_threads: int = 2,
+        prefetch: int = 1,
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
         warm_up: Callable[[Callable[[], bool]], None] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self._warm_up = warm_up
-        self.model_ready = threading.Event()  # set once the warm-up is over (at once without one)
-        self._queue = queue
-        self._spool = spool
-        self._process_batch = process_batch
+        if decode_threads < 1 or output_threads < 1:
+            raise ValueError("decode_threads and output_threads must be at least 1")
+        if prefetch < 0:
+            raise ValueError("prefetch must be at least 0")
+        self.stages = stages
         self.batch_size = batch_size
         self.batch_wait_s = max(0, batch_wait_ms) / 1000.0
+        self.decode_threads = decode_threads
+        self.output_threads = output_threads
+        self.prefetch = prefetch
+        self.model_ready = threading.Event()
+        self._queue = queue_
+        self._spool = spool
         self._metrics = metrics
         self._idle_poll_s = idle_poll_s
+        self._warm_up = warm_up
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._abandon = threading.Event()  # stop() gave up waiting: drop the work in hand, leave it processing
+        self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._claim_slots = threading.Semaphore(prefetch + 1)
+        self._output_slots = threading.Semaphore(2 * batch_size)
+        self._decode: ThreadPoolExecutor | None = None
+        self._output: ThreadPoolExecutor | None = None
+        self._feeder: threading.Thread | None = None
+        self._model_thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._feeder is not None:
             return
         self._stop.clear()
+        self._abandon.clear()
         self.model_ready.clear()
-        self._thread = threading.Thread(target=self._run, name="cxr-lens-worker", daemon=True)
-        self._thread.start()
+        self._batches = queue.SimpleQueue()
+        self._claim_slots = threading.Semaphore(self.prefetch + 1)
+        self._output_slots = threading.Semaphore(2 * self.batch_size)
+        self._decode = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-lens-decode")
+        self._output = ThreadPoolExecutor(self.output_threads, thread_name_prefix="cxr-lens-output")
+        self._model_thread = threading.Thread(target=self._run_model, name="cxr-lens-model", daemon=True)
+        self._model_thread.start()
+        self._feeder = threading.Thread(target=self._feed, name="cxr-lens-feeder", daemon=True)
+        self._feeder.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand (up to ``timeout`` seconds), then stop."""
+        """Stop claiming, finish the batches in hand (up to ``timeout`` seconds), then stop."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._queue.wake()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                LOG.warning("worker still busy after %.0f s; its jobs resume on the next start", timeout)
-            self._thread = None
+        if self._feeder is not None:
+            self._feeder.join(max(0.0, deadline - time.monotonic()))
+        self._batches.put(None)  # after the feeder's last batch: the model thread drains them, then ends
+        if self._model_thread is not None:
+            self._model_thread.join(max(0.0, deadline - time.monotonic()))
+        busy = any(t is not None and t.is_alive() for t in (self._feeder, self._model_thread))
+        if not busy and self._output is not None:
+            busy = not self._wait_for_outputs(deadline)
+        if busy:
+            self._abandon.set()
+            logger.warning("worker still busy after %.0f s; its jobs resume on the next start", timeout)
+        for pool in (self._decode, self._output):
+            if pool is not None:
+                pool.shutdown(wait=not busy, cancel_futures=busy)
+        self._feeder = self._model_thread = None
+        self._decode = self._output = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return all(t is not None and t.is_alive() for t in (self._feeder, self._model_thread))
 
-    def _run(self) -> None:
-        if self._warm_up is not None:  # before the first claim: jobs that arrive meanwhile wait in the queue
-            started = time.perf_counter()
-            try:
-                self._warm_up(self._stop.is_set)  # it stops between batch sizes once stop() is called
-                LOG.info("model warm-up done in %.1f s", time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001 (a failed warm-up only costs the first batches their tracing)
-                LOG.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
-            finally:
-                self.model_ready.set()
-        else:
-            self.model_ready.set()
+    def _wait_for_outputs(self, deadline: float) -> bool:
+        """Wait until no ``finish`` is in flight (all output slots free again) or ``deadline`` passes."""
+        taken = 0
+        try:
+            while taken < 2 * self.batch_size:
+                if not self._output_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+                taken += 1
+            return True
+        finally:
+            if taken:
+                self._output_slots.release(taken)
+
+    # Feeder: warm up, then claim batches and submit their preparation.
+    def _feed(self) -> None:
+        self._run_warm_up()
         while not self._stop.is_set():
-            if not self._queue.wait_for_work(self._idle_poll_s):
+            if not self._queue.wait_for_work(self._idle_poll_s) or not self._take(self._claim_slots):
                 continue
-            self.run_once()
+            jobs = self._gather()
+            if not jobs:
+                self._claim_slots.release()
+                continue
+            assert self._decode is not None
+            try:
+                prepared = [self._decode.submit(self._prepare, job) for job in jobs]
+            except RuntimeError:  # the pool was shut down by stop() giving up
+                logger.info("stopping: job(s) %s stay claimed until the next start", [j.id for j in jobs])
+                return
+            self._batches.put(_Batch(jobs, prepared))
 
-    def run_once(self) -> int:
-        """Claim one batch (waiting up to ``batch_wait_ms`` for it to fill) and process it; returns its size."""
-        jobs = self._gather()
-        if jobs:
-            self._process(jobs)
-        return len(jobs)
+    def _run_warm_up(self) -> None:
+        if self._warm_up is None:
+            self.model_ready.set()
+            return
+        started = time.perf_counter()
+        try:
+            self._warm_up(self._stop.is_set)  # it stops between batch sizes once stop() is called
+            logger.info("model warm-up done in %.1f s", time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 (a failed warm-up only costs the first batches their tracing)
+            logger.error("model warm-up failed (%s); buckets are traced on first use", type(exc).__name__)
+        finally:
+            self.model_ready.set()
 
-    def _claim(self, max_n: int) -> list[Job]:
-        return self._queue.claim_batch(max_n)
+    def _take(self, slots: threading.Semaphore) -> bool:
+        """Acquire one of ``slots``; False if stop() was called first."""
+        while not self._stop.is_set():
+            if slots.acquire(timeout=0.1):
+                return True
+        return False
 
     def _gather(self) -> list[Job]:
         jobs = self._claim(self.batch_size)
@@ -141,51 +247,107 @@ class Worker:
                 jobs += self._claim(self.batch_size - len(jobs))
         return jobs
 
-    def _process(self, jobs: list[Job]) -> None:
-        items: list[tuple[Job, bytes]] = []
-        for job in jobs:
+    def _claim(self, max_n: int) -> list[Job]:
+        # A job claimed ahead counts an attempt (towards failing a job that keeps crashing the process) only
+        # once its preparation starts, see _prepare.
+        return self._queue.claim_batch(max_n, count_attempt=False)
+
+    # Decode pool.
+    def _prepare(self, job: Job) -> Any:
+        started = time.perf_counter()
+        try:
+            self._queue.begin_attempt(job.id)
+            item = self.stages.prepare(job, self._spool.read(job.spool_key))
+            return _checked(job, item) if isinstance(item, JobOutcome) else item
+        except Exception as exc:  # noqa: BLE001 (one image's failure must not take the batch down)
+            return self._failed("prepare", [job], exc)[0]
+        finally:
+            self._observe("prepare", started)
+
+    # Model thread.
+    def _run_model(self) -> None:
+        while (batch := self._batches.get()) is not None and not self._abandon.is_set():
             try:
-                items.append((job, self._spool.read(job.spool_key)))
-            except (SpoolError, OSError) as exc:
-                self._record(JobOutcome(job.id, JobState.FAILED, reason=failure_reason(exc)))
-        if not items:
+                self._infer(batch)
+            except Exception as exc:  # noqa: BLE001 (keep the model thread alive whatever happens)
+                if self._abandon.is_set():  # pools shut down under it: the jobs stay claimed
+                    return
+                for outcome in self._failed("model stage", batch.jobs, exc):
+                    self._record(outcome)
+            finally:
+                self._claim_slots.release()
+
+    def _infer(self, batch: _Batch) -> None:
+        prepared: list[tuple[Job, Any]] = []
+        for job, future in zip(batch.jobs, batch.prepared, strict=True):
+            item = future.result()
+            if isinstance(item, JobOutcome):
+                self._record(item)
+            else:
+                prepared.append((job, item))
+        if not prepared:
             return
         started = time.perf_counter()
         try:
-            outcomes = self._process_batch(items)
-        except Exception as exc:  # noqa: BLE001 (fail the batch, keep the worker alive)
-            LOG.error("batch of %d job(s) %s failed: %s", len(items), [j.id for j, _ in items], type(exc).__name__)
-            LOG.debug("batch failure detail", exc_info=True)
-            for job, _ in items:
-                self._record(JobOutcome(job.id, JobState.FAILED, reason=failure_reason(exc)))
+            results = list(self.stages.infer([item for _, item in prepared]))
+            if len(results) != len(prepared):
+                raise StageContractError(f"infer returned {len(results)} results for {len(prepared)} items")
+        except Exception as exc:  # noqa: BLE001 (fail this batch's jobs with the reason, go on)
+            for outcome in self._failed("infer", [job for job, _ in prepared], exc):
+                self._record(outcome)
             return
         finally:
-            if self._metrics is not None:
-                self._metrics.stage_seconds.labels(stage="batch").observe(time.perf_counter() - started)
-        by_id = {o.job_id: o for o in outcomes}
-        for job, _ in items:
-            outcome = by_id.pop(job.id, None)
-            if outcome is None:
-                outcome = JobOutcome(job.id, JobState.FAILED, reason="process_batch returned no outcome")
-            elif outcome.state not in _FINAL_STATES:
-                outcome = JobOutcome(job.id, JobState.FAILED, reason=f"invalid outcome state {outcome.state!r}")
+            self._observe("batch", started)
+        assert self._output is not None
+        for (job, item), result in zip(prepared, results, strict=True):
+            self._output_slots.acquire()
+            self._output.submit(self._finish, job, item, result)
+
+    # Output pool.
+    def _finish(self, job: Job, item: Any, result: Any) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = _checked(job, self.stages.finish(job, item, result))
+        except Exception as exc:  # noqa: BLE001 (fail this job only)
+            outcome = self._failed("finish", [job], exc)[0]
+        try:
             self._record(outcome)
-        if by_id:
-            LOG.warning("process_batch returned outcomes for unknown job(s) %s", sorted(by_id))
+        finally:
+            self._output_slots.release()
+            self._observe("output", started)
+
+    def _failed(self, stage: str, jobs: Sequence[Job], exc: Exception) -> list[JobOutcome]:
+        """The one place where an exception becomes failed outcomes; the log names only the exception's type."""
+        logger.error("%s failed for job(s) %s: %s", stage, [j.id for j in jobs], type(exc).__name__)
+        # Where it failed, without the message (it may quote the data set).
+        logger.debug("%s failed at:\n%s", stage, "".join(traceback.format_tb(exc.__traceback__)))
+        reason = failure_reason(exc)
+        return [JobOutcome(job.id, JobState.FAILED, reason=reason) for job in jobs]
 
     def _record(self, outcome: JobOutcome) -> None:
+        try:
+            self._store(outcome)
+        except Exception as exc:  # noqa: BLE001 (the queue is unreachable: the job stays claimed, retried later)
+            logger.error("job %d: its outcome could not be stored (%s); it resumes on the next start",
+                         outcome.job_id, type(exc).__name__)
+
+    def _store(self, outcome: JobOutcome) -> None:
         if outcome.state == JobState.DONE:
             self._queue.complete(outcome.job_id)
             if self._metrics is not None:
                 self._metrics.processed.inc()
-            LOG.info("job %d done", outcome.job_id)
+            logger.info("job %d done", outcome.job_id)
         elif outcome.state == JobState.INELIGIBLE:
             self._queue.mark_ineligible(outcome.job_id, outcome.rule, outcome.reason)
             if self._metrics is not None:
                 self._metrics.ineligible.labels(rule=outcome.rule or "").inc()
-            LOG.info("job %d not eligible (rule %s)", outcome.job_id, outcome.rule)
+            logger.info("job %d not eligible (rule %s)", outcome.job_id, outcome.rule)
         else:
             self._queue.fail(outcome.job_id, outcome.reason or "failed")
             if self._metrics is not None:
                 self._metrics.failed.inc()
-            LOG.warning("job %d failed: %s", outcome.job_id, outcome.reason)
+            logger.warning("job %d failed: %s", outcome.job_id, outcome.reason)
+
+    def _observe(self, stage: str, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
