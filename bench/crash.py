@@ -3,7 +3,7 @@
 Starts a real node (``cxr-lens serve``, demo model, batch size 4) in a subprocess with local PACS and MLLP sinks
 (both answering after 0.1 s, so outputs queue in the outbox), and has a re-sending modality stream ``--n``
 synthetic CR chest images. The node is SIGKILLed at each of the moments below (see ``KILL_MOMENTS`` in
-``tests/node_harness.py``) and restarted on the same spool; each life gets a share of the images. At the end every
+``bench/scenarios.py``) and restarted on the same spool; each life gets a share of the images. At the end every
 image must have its SC at the PACS exactly once (one SOP Instance UID) and its ORU acknowledged exactly once (one
 MSH-10); re-deliveries of the same UID or MSH-10 are counted. Exits 1 when a check fails.
 """
@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tests.node_harness import KILL_MOMENTS, NodeUnderTest, run_crash, verdict
+from bench.scenarios import KILL_MOMENTS, NodeUnderTest, run_crash, verdict
 
 MOMENTS = ("receiving", "sc-stored", "inference", "oru-stored", "outbox", "inference", "receiving", "outbox",
            "sc-stored", "oru-stored")

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tests.node_harness import NodeUnderTest, run_load, verdict
+from bench.scenarios import NodeUnderTest, run_load, verdict
 
 
 def main(argv: list[str] | None = None) -> int:

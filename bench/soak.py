@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.node_harness import NodeUnderTest, run_memory, verdict
+from bench.scenarios import NodeUnderTest, run_memory, verdict
 
 
 def main(argv: list[str] | None = None) -> int:

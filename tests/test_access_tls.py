@@ -1,7 +1,7 @@
 """Who may associate, TLS on every link, and PDU lengths checked before reading (acceptor.py, tls.py).
 
 Real peers on free ports: our Storage SCP and sinks, pynetdicom SCUs, raw sockets that speak PS3.8 by hand.
-Certificates come from a throw-away CA (tests/tls_certs.py).
+Certificates come from a throw-away CA (tests/support/tls_certs.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from dicom_node.errors import ConfigError
 from dicom_node.ops.metrics import Metrics
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
+from dicom_node.peers.node_process import free_port
+from dicom_node.peers.node_process import wait_until as _wait_until
 from dicom_node.receive.acceptor import ABORT_INVALID_PDU_PARAMETER, AcceptPolicy
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.settings import (
@@ -43,15 +45,13 @@ from dicom_node.storage.jobs import JobQueue, jobs_path
 from dicom_node.storage.outbox import Outbox
 from dicom_node.storage.spool import Spool
 from dicom_node.tls import client_context, server_context
-from tests.node_harness import wait_until as _wait_until
-from tests.peers import (
+from tests.support.peers import (
     fake_secondary_capture,
-    free_port,
     needs_binary,
     run_tool,
     sample,
 )
-from tests.tls_certs import CertFiles, make_pki
+from tests.support.tls_certs import CertFiles, make_pki
 
 AE_TITLE = "CXRLENS"
 LOCAL = "127.0.0.1"

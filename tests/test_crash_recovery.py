@@ -18,7 +18,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
-from tests.peers import free_port, sample
+from dicom_node.peers.node_process import free_port
+from tests.support.peers import sample
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

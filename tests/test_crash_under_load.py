@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node_harness import NodeUnderTest, run_crash
+from bench.scenarios import NodeUnderTest, run_crash
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

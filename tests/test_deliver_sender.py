@@ -24,7 +24,7 @@ from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink, SinkMode
 from dicom_node.settings import DestinationSettings, HL7Settings
 from dicom_node.storage.outbox import Outbox, OutboxItem
-from tests.peers import fake_secondary_capture, sample
+from tests.support.peers import fake_secondary_capture, sample
 
 PHI = "Doe^Jane"  # stands for anything of the patient's that a receiver's error text might quote
 

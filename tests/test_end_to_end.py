@@ -15,9 +15,10 @@ import pydicom
 import pytest
 
 from dicom_node.cli import main
+from dicom_node.peers.node_process import free_port
 from dicom_node.settings import DestinationSettings, load_settings
-from tests.dicom_tools import dciodvfy_errors, requires_dciodvfy
-from tests.peers import free_port, needs_binary, sample, start_orthanc
+from tests.support.dicom_tools import dciodvfy_errors, requires_dciodvfy
+from tests.support.peers import needs_binary, sample, start_orthanc
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

@@ -36,9 +36,9 @@ from dicom_node.deliver.mllp import (
 from dicom_node.deliver.sender import Disposition
 from dicom_node.outputs.oru import build_oru
 from dicom_node.peers.hl7_sink import HL7Sink, run_sink_forever
+from dicom_node.peers.node_process import free_port
 from dicom_node.settings import HL7Settings
 from dicom_node.storage.outbox import Outbox
-from tests.node_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0

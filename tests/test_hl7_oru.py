@@ -34,7 +34,7 @@ from dicom_node.outputs.results import (
     OverlayRef,
 )
 from dicom_node.settings import HL7Settings
-from tests.hl7apy_reference import build_oru_hl7apy, validate_with_standins
+from tests.support.hl7apy_reference import build_oru_hl7apy, validate_with_standins
 
 NOW = datetime(2024, 3, 5, 14, 30, 15, tzinfo=timezone(timedelta(hours=1)))
 CONTROL_ID = "CTL0000000000000001"
@@ -420,7 +420,7 @@ def test_identifiers_beyond_v251_conformance_lengths_are_sent_whole() -> None:
         parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
 
 
-# --- the hand-assembled ER7 against the former hl7apy builder (tests/hl7apy_reference.py) --------------------
+# --- the hand-assembled ER7 against the former hl7apy builder (tests/support/hl7apy_reference.py) ------------
 
 Inputs = tuple[Dataset, InferenceResult, OverlayRef, HL7Settings, datetime]
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.node_harness import NodeUnderTest, run_load, run_memory
+from bench.scenarios import NodeUnderTest, run_load, run_memory
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

@@ -37,16 +37,16 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification  
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
+from dicom_node.peers.node_process import wait_until as _wait_until
+from dicom_node.peers.synthetic_cr import make_cr_dataset
 from dicom_node.receive.scp import QUEUE_FULL_COMMENT, StorageSCP, StoreStatus
 from dicom_node.settings import DestinationSettings, NodeSettings, load_settings
 from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
 from dicom_node.storage.spool import Spool
-from tests.node_harness import wait_until as _wait_until
-from tests.synthetic_dicom import (
+from tests.support.synthetic_dicom import (
     encode_dataset,
     encoded,
     encoder_missing,
-    make_cr_dataset,
     nested_sequences,
     part10,
     raw_element,

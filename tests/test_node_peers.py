@@ -21,6 +21,8 @@ from dicom_node.node import BackgroundSender, Node
 from dicom_node.ops.metrics import Metrics
 from dicom_node.ops.status import collect_status, format_status
 from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.node_process import free_port
+from dicom_node.peers.node_process import wait_until as _wait_until
 from dicom_node.process.worker import JobOutcome, Stages
 from dicom_node.settings import (
     DestinationSettings,
@@ -31,10 +33,8 @@ from dicom_node.settings import (
 from dicom_node.storage.jobs import Job, JobQueue, JobState, jobs_path
 from dicom_node.storage.outbox import Outbox, outbox_path
 from dicom_node.storage.spool import Spool
-from tests.node_harness import wait_until as _wait_until
-from tests.peers import (
+from tests.support.peers import (
     fake_secondary_capture,
-    free_port,
     needs_binary,
     sample,
     start_orthanc,

@@ -26,10 +26,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
+from dicom_node.peers.node_process import free_port
+from dicom_node.peers.node_process import wait_until as _wait_until
+from dicom_node.peers.synthetic_cr import make_cr_dataset
 from dicom_node.settings import DestinationSettings, load_settings
-from tests.node_harness import wait_until as _wait_until
-from tests.peers import free_port
-from tests.synthetic_dicom import make_cr_dataset
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

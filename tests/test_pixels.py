@@ -46,12 +46,12 @@ from dicom_node.imaging.pixels import (
     render_display,
     window_to_display,
 )
-from tests.synthetic_dicom import (
+from dicom_node.peers.synthetic_cr import make_cr_dataset
+from tests.support.synthetic_dicom import (
     ENCODERS,
     LOSSY_TRANSFER_SYNTAXES,
     encoded,
     encoder_missing,
-    make_cr_dataset,
     stored_values,
 )
 

@@ -14,7 +14,8 @@ from pydicom.uid import JPEG2000, HTJ2KLossless, JPEG2000Lossless
 
 from dicom_node.imaging import j2k
 from dicom_node.imaging.pixels import _first_fragment, model_input, render_display
-from tests.synthetic_dicom import encoded, encoder_missing, make_cr_dataset
+from dicom_node.peers.synthetic_cr import make_cr_dataset
+from tests.support.synthetic_dicom import encoded, encoder_missing
 
 MODEL_SHAPE = (256, 256)
 

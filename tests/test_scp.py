@@ -34,7 +34,7 @@ from dicom_node.receive.scp import (
 from dicom_node.settings import NodeSettings
 from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
 from dicom_node.storage.spool import Spool
-from tests.peers import dataset_part, needs_binary, run_tool, sample
+from tests.support.peers import dataset_part, needs_binary, run_tool, sample
 
 AE_TITLE = "CXRLENS"
 

@@ -21,12 +21,13 @@ from dicom_node.deliver.dicom import (
 )
 from dicom_node.deliver.sender import Disposition
 from dicom_node.peers.dicom_sink import DicomSink
+from dicom_node.peers.node_process import free_port
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.settings import DestinationSettings, NodeSettings
 from dicom_node.storage.jobs import JobQueue, jobs_path
 from dicom_node.storage.outbox import Outbox
 from dicom_node.storage.spool import Spool
-from tests.peers import dataset_part, fake_secondary_capture, free_port, sample
+from tests.support.peers import dataset_part, fake_secondary_capture, sample
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dicom_node.outputs.secondary_capture import (
     overlay_uids,
 )
 from dicom_node.process.rules import evaluate
-from tests.dicom_tools import (
+from tests.support.dicom_tools import (
     dciodvfy_errors,
     dcmj2pnm_png,
     requires_dciodvfy,

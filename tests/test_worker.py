@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from dicom_node.errors import DecodeError
+from dicom_node.peers.node_process import wait_until as _wait_until
 from dicom_node.process.worker import JobOutcome, Worker
 from dicom_node.storage.jobs import Job, JobQueue, JobState, jobs_path
 from dicom_node.storage.spool import Spool
-from tests.node_harness import wait_until as _wait_until
 
 
 @pytest.fixture

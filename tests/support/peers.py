@@ -25,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.node_harness import free_port  # noqa: F401  (re-exported: the test modules import it from here)
+from dicom_node.peers.node_process import free_port
 
 ORTHANC_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 
