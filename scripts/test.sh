@@ -9,6 +9,8 @@ need=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+# PixelMed's SR validator (its DicomSRValidator wrapper; the tests run the jar with a JRE it pulls in).
+command -v DicomSRValidator >/dev/null 2>&1 || need+=(pixelmed-apps)
 # OpenJPEG for glymur's reduced-resolution JPEG 2000 decoding (without it, images are decoded in full).
 ldconfig -p 2>/dev/null | grep -q 'libopenjp2\.so\.7' || need+=(libopenjp2-7)
 if [ ${#need[@]} -gt 0 ]; then
