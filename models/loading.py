@@ -3,7 +3,7 @@
 Formats: a Keras 3 ``.keras`` file; a legacy ``.h5`` (HDF5) file; a TF2 SavedModel directory written by
 tf.keras 2.x (such as the seed article's ``saved_model/inceptionV3``), read with the ``tf_keras`` package
 because Keras 3 no longer loads SavedModels as models. ``builtin:demo`` is the demo model shipped in this
-package.
+package; ``builtin:shortcut`` is the shortcut TEST model (``models/train_shortcut.py``), never a default.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_WEIGHTS = DEMO_DIR / "cxr_lens_demo_cnn.keras"
 DEMO_PATH = "builtin:demo"
+SHORTCUT_DIR = Path(__file__).resolve().parent / "shortcut"
+SHORTCUT_PATH = "builtin:shortcut"
+BUILTIN_WEIGHTS = {DEMO_PATH: DEMO_WEIGHTS, SHORTCUT_PATH: SHORTCUT_DIR / "cxr_lens_shortcut_test_cnn.keras"}
 Framework = Literal["keras", "tf_keras"]
 
 
@@ -69,6 +72,24 @@ class DemoSpec:
 
 
 @dataclass(frozen=True)
+class ShortcutSpec:
+    """The shortcut TEST model: the demo architecture trained where only a burned-in marker carries the label."""
+
+    path: str = SHORTCUT_PATH
+    id: str = "cxr-lens-shortcut-test-cnn"
+    version: str = "1.0.0"
+    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
+    input_size: tuple[int, int] = (256, 256)
+    channels: int = 1
+    preprocess: str = "unit"
+    target_layer: str = "auto"
+
+    @property
+    def is_demo(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A network together with everything needed to feed it and to name it in outputs."""
 
@@ -114,7 +135,7 @@ def _load_network(path: Path) -> tuple[Any, Framework]:
 
 def load_model(settings: ModelSpec) -> LoadedModel:
     """Load the configured model and check that it fits the configuration (input shape, number of labels)."""
-    path = DEMO_WEIGHTS if settings.is_demo else Path(settings.path)
+    path = DEMO_WEIGHTS if settings.is_demo else BUILTIN_WEIGHTS.get(settings.path) or Path(settings.path)
     try:
         network, framework = _load_network(path)
     except ModelError:
@@ -142,6 +163,11 @@ def load_model(settings: ModelSpec) -> LoadedModel:
 def load_demo_model() -> LoadedModel:
     """The shipped demo model with its embedded default settings."""
     return load_model(DemoSpec())
+
+
+def load_shortcut_model() -> LoadedModel:
+    """The shortcut TEST model (looks at a burned-in marker, not the lungs), to exercise the trust alarm."""
+    return load_model(ShortcutSpec())
 
 
 def demo_metrics() -> dict[str, Any]:
