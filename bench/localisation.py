@@ -58,7 +58,7 @@ def randomisation_correlation(trained: np.ndarray, randomised: np.ndarray) -> tu
     from scipy.stats import spearmanr
 
     values = [float(spearmanr(a.ravel(), b.ravel()).statistic)
-              for a, b in zip(trained, randomised) if np.ptp(a) > 0 and np.ptp(b) > 0]
+              for a, b in zip(trained, randomised, strict=True) if np.ptp(a) > 0 and np.ptp(b) > 0]
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in METHODS:
         t = time.perf_counter()
         maps = heatmaps(network, cases, method)
-        rho, pairs = zip(*(randomisation_correlation(maps, heatmaps(r, cases, method)) for r in random_nets))
-        valid = [r for r, n in zip(rho, pairs) if n]
+        checks = [randomisation_correlation(maps, heatmaps(r, cases, method)) for r in random_nets]
+        rho, pairs = zip(*checks, strict=True)
+        valid = [r for r, n in zip(rho, pairs, strict=True) if n]
         mean_rho = float(np.average(valid, weights=[n for n in pairs if n])) if valid else float("nan")
         print(f"{method:<16}{pointing_game(maps, cases):>14.3f}{mean_rho:>24.3f}{sum(pairs):>8d}"
               f"{time.perf_counter() - t:>8.1f}")

@@ -113,8 +113,9 @@ class NodeUnderTest:
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in header]] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
     return "\n".join(lines)
 
 
@@ -407,7 +408,7 @@ def run_crash(nut: NodeUnderTest, moments: Sequence[str], *, n: int, rows: int =
 
             if moment == "receiving":
                 acked_by = modality.acknowledged + 2
-                modality.after_ack = partial(kill, lambda: modality.acknowledged >= acked_by)
+                modality.after_ack = partial(kill, lambda n=acked_by: modality.acknowledged >= n)
             elif moment == "sc-stored":
                 peers.pacs.after_store = kill
             elif moment == "outbox":

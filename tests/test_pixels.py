@@ -1,4 +1,4 @@
-"""Tests for dicom_node.imaging.pixels on real files (pydicom-data) and synthetic radiographs in every transfer syntax."""
+"""dicom_node.imaging.pixels on real files (pydicom-data) and synthetic radiographs in every transfer syntax."""
 
 from __future__ import annotations
 
