@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE_IMAGE_STORAGE
 from pynetdicom.events import Event
 
 from dicom_node.deliver.mllp import message_control_id
@@ -137,7 +138,8 @@ class Delivery:
 def collect_delivery(peers: Peers) -> Delivery:
     """Read what the PACS and the HL7 receiver hold now."""
     d = Delivery()
-    received = peers.pacs.received
+    # The Secondary Captures only: the Structured Report and Parametric Map of the same image travel beside them.
+    received = [r for r in peers.pacs.received if r.sop_class_uid == SECONDARY_CAPTURE_IMAGE_STORAGE]
     d.sc_deliveries = len(received)
     for item in {r.sop_instance_uid: r for r in received}.values():
         sc = pydicom.dcmread(item.path, stop_before_pixels=True)
