@@ -161,8 +161,14 @@ def run_serve(settings: Settings) -> int:
 
 def run_status(settings: Settings) -> int:
     from dicom_node.ops.status import collect_status, format_status
+    from dicom_node.storage.backend import StorageError
 
-    print(format_status(collect_status(settings.node.spool_dir)))
+    try:
+        report = collect_status(settings.node.spool_dir, storage=settings.storage)
+    except StorageError as exc:
+        print(f"cxr-lens status: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(report))
     return 0
 
 

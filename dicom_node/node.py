@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydicom import Dataset
@@ -22,8 +22,7 @@ from dicom_node.process.rules import evaluate
 from dicom_node.process.worker import Stages, Worker
 from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
-from dicom_node.storage.jobs import JobQueue, jobs_path
-from dicom_node.storage.outbox import Outbox, outbox_path
+from dicom_node.storage.backend import JobStore, OutboxStore, open_job_store, open_storage
 from dicom_node.storage.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -50,15 +49,17 @@ class Node:
         hl7_sender: BackgroundSender | None = None,
         rules_check: RulesCheck | None = None,
         spool: Spool | None = None,
-        queue: JobQueue | None = None,
+        queue: JobStore | None = None,
         metrics: Metrics | None = None,
         warm_up: Callable[[Callable[[], bool]], None] | None = None,
+        owned: Sequence[JobStore | OutboxStore] = (),
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.spool = spool if spool is not None else Spool(settings.node.spool_dir)
         self._owns_queue = queue is None
-        self.queue = queue if queue is not None else JobQueue(jobs_path(settings.node.spool_dir))
+        self.queue = queue if queue is not None else open_job_store(settings.storage, settings.node.spool_dir)
+        self._owned = owned  # stores handed over by compose(), closed at stop
         self.dicom_sender = dicom_sender
         self.hl7_sender = hl7_sender
         self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
@@ -82,7 +83,7 @@ class Node:
             lambda: {key: float(n) for key, n in self._outbox().counts().items()},
         )
 
-    def _outbox(self) -> Outbox:
+    def _outbox(self) -> OutboxStore:
         return self.dicom_sender.outbox
 
     @property
@@ -140,6 +141,8 @@ class Node:
             self.http = None
         if self._owns_queue:
             self.queue.close()
+        for store in self._owned:
+            store.close()
         LOG.info("node %s stopped", self.settings.node.ae_title)
 
     def health(self) -> dict[str, Any]:
@@ -174,7 +177,7 @@ class Node:
 def compose(settings: Settings, processor: Processor | None = None) -> Node:
     """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
     processor = processor or load_processor(settings)
-    outbox = Outbox(outbox_path(settings.node.spool_dir))
+    jobs, outbox = open_storage(settings)
     metrics = Metrics()  # one registry for the node and its senders
     dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
                                max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
@@ -189,5 +192,5 @@ def compose(settings: Settings, processor: Processor | None = None) -> Node:
         processor.warm_up(settings.worker.batch_size, should_stop)
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
-                warm_up=warm_up if settings.worker.warm_up else None,
+                warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox),
                 stages=ProcessorStages(processor, dicom_sender, hl7_sender))

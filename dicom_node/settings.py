@@ -227,6 +227,25 @@ class HL7Settings(_Section):
     tls: ClientTLSSettings = ClientTLSSettings()
 
 
+class StorageSettings(_Section):
+    """Where the job queue and the outbox live: SQLite files in ``node.spool_dir``, or a PostgreSQL database."""
+
+    # "" or "sqlite": files under node.spool_dir; "postgresql://user@host:5432/db": one database shared by every
+    # process of every machine (a password belongs in ~/.pgpass or PGPASSWORD, not here: `config` prints this).
+    url: str = ""
+    # PostgreSQL: a worker renews the claims on its jobs while it lives; after this long without it (the worker
+    # died), they go back to the queue.
+    lease_s: float = Field(60.0, ge=1.0, le=3600.0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        if v not in ("", "sqlite") and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError('expected "", "sqlite" or a postgresql:// URL')
+        return v
+
+
 class Settings(BaseSettings):
     """Everything the node can be told. Sections mirror ``config/cxr-lens.toml``."""
 
@@ -244,6 +263,7 @@ class Settings(BaseSettings):
     node: NodeSettings = NodeSettings()
     destinations: tuple[DestinationSettings, ...] = ()
     hl7: HL7Settings = HL7Settings()
+    storage: StorageSettings = StorageSettings()
     rules_file: Path | None = None
 
     @classmethod

@@ -1,4 +1,4 @@
-"""``cxr-lens status``: what the node holds, read from its spool directory (works while the node runs: WAL).
+"""``cxr-lens status``: what the node holds, read from its store while it runs (SQLite in WAL mode, or PostgreSQL).
 
 Only identifiers of our own making appear (job ids, spool key prefixes, outbox ids, destinations, AE titles)
 and the reasons the node recorded, never patient data.
@@ -11,8 +11,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dicom_node.storage.jobs import JobQueue, JobState, jobs_path
-from dicom_node.storage.outbox import Outbox, outbox_path
+from dicom_node.settings import StorageSettings
+from dicom_node.storage.backend import (
+    StorageNotFound,
+    is_postgres,
+    open_job_store,
+    open_outbox_store,
+    redacted,
+)
+from dicom_node.storage.jobs import JobState
 
 _CHANNELS = ("dicom", "hl7")
 _OUTBOX_STATES = ("pending", "done", "parked")
@@ -22,19 +29,35 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def collect_status(spool_dir: Path | str, *, problems: int = 20, failures: int = 10) -> dict[str, Any]:
+def collect_status(
+    spool_dir: Path | str,
+    *,
+    storage: StorageSettings | None = None,
+    problems: int = 20,
+    failures: int = 10,
+    seen_within_s: float = 600.0,
+) -> dict[str, Any]:
     """Queue depths by state, outbox counts, parked/retrying items with their last error, recent failures."""
+    # With PostgreSQL (``storage``), also the processes seen in the last ``seen_within_s`` seconds; a database
+    # that cannot be reached raises StorageError.
     spool_dir = Path(spool_dir)
+    storage = storage or StorageSettings()
+    shared = is_postgres(storage.url)
     status: dict[str, Any] = {
         "spool_dir": str(spool_dir),
+        "storage": redacted(storage.url) if shared else "sqlite",
+        "nodes": None,
         "jobs": {s.value: 0 for s in JobState},
         "outbox": {c: {s: 0 for s in _OUTBOX_STATES} for c in _CHANNELS},
         "problems": [],
         "recent_failures": [],
     }
-    # Do not create databases in a directory that holds none (a mistyped path should read as empty).
-    if jobs_path(spool_dir).exists():
-        queue = JobQueue(jobs_path(spool_dir))
+    # Create no store where there is none (a mistyped path or database should read as empty).
+    try:
+        queue = open_job_store(storage, spool_dir, create=False)
+    except StorageNotFound:
+        pass
+    else:
         try:
             status["jobs"] = queue.counts()
             status["recent_failures"] = [
@@ -50,8 +73,11 @@ def collect_status(spool_dir: Path | str, *, problems: int = 20, failures: int =
             ]
         finally:
             queue.close()
-    if outbox_path(spool_dir).exists():
-        outbox = Outbox(outbox_path(spool_dir))
+    try:
+        outbox = open_outbox_store(storage, spool_dir, create=False)
+    except StorageNotFound:
+        pass
+    else:
         try:
             for (channel, state), n in outbox.counts().items():
                 status["outbox"].setdefault(channel, {s: 0 for s in _OUTBOX_STATES})[state] = n
@@ -71,12 +97,32 @@ def collect_status(spool_dir: Path | str, *, problems: int = 20, failures: int =
             ]
         finally:
             outbox.close()
+    if shared:
+        from dicom_node.storage.postgres import nodes_seen
+
+        try:
+            seen = nodes_seen(storage.url, seen_within_s)
+        except StorageNotFound:
+            seen = []
+        now = time.time()
+        status["nodes"] = [
+            {"role": n.role, "host": n.host, "pid": n.pid, "ae_title": n.ae_title, "started": _iso(n.started_at),
+             "seen_s_ago": round(max(0.0, now - n.seen_at), 1)}
+            for n in seen
+        ]
     return status
 
 
 def format_status(d: dict[str, Any]) -> str:
     """Plain-text rendering of :func:`collect_status` for a terminal."""
-    lines = [f"CXR Lens spool: {d['spool_dir']}", "", "Jobs"]
+    lines = [f"CXR Lens spool: {d['spool_dir']}"]
+    if d.get("storage", "sqlite") != "sqlite":
+        lines.append(f"Queue and outbox: {d['storage']}")
+    if d.get("nodes") is not None:
+        lines += ["", "Processes seen in the last 10 minutes"]
+        lines += [f"  {n['role']:<7} {n['host']}:{n['pid']} ({n['ae_title']}), since {n['started']}, "
+                  f"seen {n['seen_s_ago']} s ago" for n in d["nodes"]] or ["  none"]
+    lines += ["", "Jobs"]
     lines += [f"  {state:<11} {n:>7}" for state, n in d["jobs"].items()]
     lines += ["", "Outbox            pending    done  parked"]
     for channel, counts in d["outbox"].items():
