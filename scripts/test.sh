@@ -11,6 +11,8 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 # PixelMed's SR validator (its DicomSRValidator wrapper; the tests run the jar with a JRE it pulls in).
 command -v DicomSRValidator >/dev/null 2>&1 || need+=(pixelmed-apps)
+# PostgreSQL's server (initdb, pg_ctl): the storage tests start a throw-away cluster on a free port.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
 # OpenJPEG for glymur's reduced-resolution JPEG 2000 decoding (without it, images are decoded in full).
 ldconfig -p 2>/dev/null | grep -q 'libopenjp2\.so\.7' || need+=(libopenjp2-7)
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,6 +22,8 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
   # Debian starts the packaged Orthanc service; the tests run their own instances on free ports.
   $SUDO systemctl stop orthanc >/dev/null 2>&1 || $SUDO service orthanc stop >/dev/null 2>&1 || true
+  # Likewise Debian's PostgreSQL cluster on port 5432: the tests run clusters of their own.
+  $SUDO systemctl stop postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}
