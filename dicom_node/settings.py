@@ -54,6 +54,8 @@ class ModelSettings(_Section):
     channels: Literal[1, 3] = 1
     preprocess: Literal["unit", "symmetric"] = "unit"
     target_layer: str = "auto"
+    # The Keras backend that runs the model (fixed per process); auto: KERAS_BACKEND where set, else tensorflow.
+    backend: Literal["auto", "tensorflow", "jax"] = "auto"
 
     @property
     def is_demo(self) -> bool:

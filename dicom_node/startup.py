@@ -3,7 +3,8 @@
 Nothing in the package changes a global at import time or in a constructor. The CLI calls
 :func:`configure_process` before any command runs; a program that embeds the node (a test, a benchmark) calls it
 the same way. Device set-up for the model (GPU memory growth, mixed precision) is explicit too, where the model is
-loaded (``process.processor.load_processor``).
+loaded (``process.processor.load_processor``), and so is the choice of Keras' backend
+(:func:`configure_keras_backend`), which needs the model settings the CLI reads after :func:`configure_process`.
 """
 
 from __future__ import annotations
@@ -34,3 +35,14 @@ def configure_process(*, verbose: bool = False, log_to_stderr: bool = True) -> N
     warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
     # TensorFlow's C++ start-up chatter (set before TensorFlow is first imported, by a model load).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def configure_keras_backend(backend: str) -> None:
+    """Run Keras on ``backend`` ("tensorflow" or "jax") in this process: set ``KERAS_BACKEND`` before Keras loads.
+
+    Keras reads the variable once, when it is first imported, and keeps that backend for the life of the process.
+    Where Keras is already imported, nothing changes here; loading the model then fails with a message naming both
+    backends.
+    """
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = backend

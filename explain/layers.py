@@ -2,28 +2,30 @@
 
 Grad-CAM (Selvaraju et al. 2017, eq. 1) needs two tensors from one forward pass: the feature maps ``A`` of a
 convolutional layer and the class score ``y^c`` *before* the softmax. Both are taken from the model's own
-forward pass without rebuilding or editing it: while a ``tf.function`` is being traced, :func:`capture`
-briefly wraps the target layer's ``call`` (to record ``A``) and the final softmax (to record its input, the
-logits), then restores both. The traced graph keeps the tensors; the model object is left exactly as found.
-This works the same for Keras 3 and tf_keras models and for a backbone nested as one layer of a larger model.
+forward pass without rebuilding or editing it: while a pass is being traced (a ``tf.function`` or a
+``jax.jit``), :func:`capture` briefly wraps the target layer's ``call`` (to record ``A``) and the final softmax
+(to record its input, the logits), then restores both. The traced computation keeps the tensors; the model object
+is left exactly as found. This works the same for Keras 3 (on any backend) and tf_keras models and for a backbone
+nested as one layer of a larger model. What a pass does with ``A`` as it is recorded (watch it on a gradient
+tape, add a zero perturbation to differentiate by) is the backend's :class:`Recorder`.
 
 When ``A`` feeds nothing but a global average or max pooling, :func:`find_global_pooling` names that layer and
 :func:`capture` also records the pooled vector ``p``: then ``sum_ij dy/dA_ijk = dy/dp_k`` exactly (average:
 each cell gets ``g_k / Z``; max: TensorFlow splits ``g_k`` evenly over tied maxima), so Grad-CAM's weights
 can be read from ``dy/dp`` without the pooling's backward pass.
+
+Nothing here imports a framework: the module serves TensorFlow and JAX passes alike.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
-
-import tensorflow as tf
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def output_shape(layer: Any) -> tuple[int | None, ...] | None:
     shape = getattr(output, "shape", None)
     if shape is None:
         return None
-    if isinstance(shape, tf.TensorShape):
+    if hasattr(shape, "as_list"):  # a tf.TensorShape (tf_keras)
         return tuple(shape.as_list()) if shape.rank is not None else None
     return tuple(shape)
 
@@ -175,6 +177,15 @@ def _as_global_pooling(layer: Any) -> GlobalPooling | None:
     return GlobalPooling(layer, reduction)
 
 
+def _flatten(structure: Any) -> list[Any]:
+    """The tensors of a node's (possibly nested) outputs, in order."""
+    if isinstance(structure, (list, tuple)):
+        return [tensor for item in structure for tensor in _flatten(item)]
+    if isinstance(structure, dict):
+        return [tensor for key in sorted(structure) for tensor in _flatten(structure[key])]
+    return [structure]
+
+
 def _sole_consumer(container: Any, layer: Any) -> tuple[Any, bool] | None:
     """In ``container``'s graph: ``(the one node consuming layer's single output, False)``, or
     ``(None, True)`` when that output is the container's own output and nothing inside consumes it;
@@ -183,7 +194,7 @@ def _sole_consumer(container: Any, layer: Any) -> tuple[Any, bool] | None:
     own = [node for node in nodes if _node_layer(node) is layer]
     if len(own) != 1:
         return None
-    outputs = tf.nest.flatten(own[0].outputs)
+    outputs = _flatten(own[0].outputs)
     if len(outputs) != 1:
         return None
     output = outputs[0]
@@ -271,55 +282,79 @@ def find_head(model: Any) -> Head:
 class Captured:
     """Tensors recorded while tracing: the target feature maps ``A`` and the logits (None for OUTPUT heads).
 
-    ``pooled`` is the global pooling's output ``p``, set only when that pooling was, in the traced graph, the
-    only consumer of ``A`` (so every path from ``A`` to the score passes through ``p``).
+    ``pooled`` is the global pooling's output ``p``, set only when that pooling was called with ``A`` itself and,
+    where the backend can tell (a TensorFlow graph), was its only reader (so every path from ``A`` to the score
+    passes through ``p``).
     """
 
-    activations: tf.Tensor | None = None
-    logits: tf.Tensor | None = None
-    pooled: tf.Tensor | None = None
+    activations: Any = None
+    logits: Any = None
+    pooled: Any = None
     pooling_ops: frozenset[str] | None = None
 
+    def class_scores(self, head: Head, outputs: Any, target_path: str) -> Any:
+        """The class scores ``y`` before the softmax (the outputs themselves for a linear head)."""
+        if self.activations is None:
+            raise RuntimeError(f"target layer {target_path!r} was not called by the network")
+        logits = outputs if head.kind is HeadKind.OUTPUT else self.logits
+        if logits is None:
+            raise RuntimeError(f"the final layer {head.layer.name!r} did not apply its activation")
+        return logits
 
-def _consumers(tensor: tf.Tensor) -> frozenset[str] | None:
-    """Names of the graph ops reading ``tensor`` so far; None outside a graph (eager tensors have no consumers)."""
-    if tf.executing_eagerly() or not hasattr(tensor, "consumers"):
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+class Recorder:
+    """What a backend's pass does with the tensors :func:`capture` records; the defaults change nothing.
+
+    A TensorFlow pass watches ``A`` (or ``p``) on a gradient tape; a JAX pass adds a zero perturbation there, and
+    differentiates with respect to it. Whatever a hook returns is what the network goes on computing with.
+    """
+
+    def feature_maps(self, activations: Any) -> Any:
+        return activations
+
+    def pooled(self, pooled: Any) -> Any:
+        return pooled
+
+    def readers(self, tensor: Any) -> frozenset[str] | None:
+        """The operations that have read ``tensor`` so far; None where the backend cannot tell."""
         return None
-    return frozenset(op.name for op in tensor.consumers())
+
+    def hook(self, function: Function) -> Function:
+        """Wrap a hook installed on a layer (TensorFlow: keep autograph from converting it)."""
+        return function
 
 
-def _recording_logits(fn: Any, captured: Captured) -> Any:
+def _recording_logits(fn: Any, captured: Captured, recorder: Recorder) -> Any:
     """Wrap the softmax (an activation function or a Softmax layer's ``call``) to record its input, the logits."""
 
-    @tf.autograph.experimental.do_not_convert
     def recording(x: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(_ACTIVE, "captured", None) is captured:
             captured.logits = x
         return fn(x, *args, **kwargs)
 
-    return recording
+    return recorder.hook(recording)
 
 
 @contextmanager
 def capture(
     target: TargetLayer,
     head: Head,
-    tape: tf.GradientTape,
+    recorder: Recorder,
     pooling: GlobalPooling | None = None,
-    pooled_tape: tf.GradientTape | None = None,
 ) -> Iterator[Captured]:
-    """Record ``A`` (watched on ``tape``) and the logits during one call of the network, then restore it.
+    """Record ``A`` (passed through ``recorder.feature_maps``) and the logits during one call of the network.
 
-    With ``pooling``, also record its output ``p`` (watched on ``pooled_tape``, where ``A`` is not watched, so
-    a gradient there holds no pooling backward ops) if the pooling is called with ``A`` itself and, by the end
-    of the call, no other op has read ``A``; otherwise ``captured.pooled`` stays None.
+    With ``pooling``, also record its output ``p`` (passed through ``recorder.pooled``) if the pooling is called
+    with ``A`` itself and, where the recorder can tell, no other operation has read ``A`` by the end of the call;
+    otherwise ``captured.pooled`` stays None.
 
-    Meant for trace time only: the hooks are plain Python, so they run once while ``tf.function`` traces and
-    the recorded symbolic tensors stay in the graph. Other threads calling the same layers meanwhile see the
-    original behaviour (the hooks record only for the thread that installed them).
+    Meant for trace time only: the hooks are plain Python, so they run once while the pass is traced and the
+    recorded symbolic tensors stay in the traced computation. Other threads calling the same layers meanwhile see
+    the original behaviour (the hooks record only for the thread that installed them).
     """
-    if (pooling is None) != (pooled_tape is None):
-        raise ValueError("capture needs both a pooling layer and its tape, or neither")
     captured = Captured()
     restore: list[tuple[Any, str, bool, Any]] = []
 
@@ -330,16 +365,14 @@ def capture(
 
     target_call = target.layer.call
 
-    @tf.autograph.experimental.do_not_convert
     def recording_call(*args: Any, **kwargs: Any) -> Any:
         outputs = target_call(*args, **kwargs)
         if getattr(_ACTIVE, "captured", None) is captured:
-            tape.watch(outputs)
+            outputs = recorder.feature_maps(outputs)
             captured.activations = outputs
         return outputs
 
     def recording_pooling(pooling_call: Any) -> Any:
-        @tf.autograph.experimental.do_not_convert
         def recording(inputs: Any, *args: Any, **kwargs: Any) -> Any:
             activations = captured.activations
             first_reader = (
@@ -348,30 +381,34 @@ def capture(
                 and inputs is activations
                 and not args
                 and not kwargs
-                and _consumers(activations) == frozenset()
+                and recorder.readers(activations) in (None, frozenset())
             )
             outputs = pooling_call(inputs, *args, **kwargs)
-            if first_reader and pooled_tape is not None:
-                pooled_tape.watch(outputs)
+            if first_reader:
+                outputs = recorder.pooled(outputs)
                 captured.pooled = outputs
-                captured.pooling_ops = _consumers(activations)
+                captured.pooling_ops = recorder.readers(activations)
             return outputs
 
-        return recording
+        return recorder.hook(recording)
 
     with _HOOK_LOCK:
         _ACTIVE.captured = captured
         try:
-            patch(target.layer, "call", recording_call)
+            patch(target.layer, "call", recorder.hook(recording_call))
             if pooling is not None:
                 patch(pooling.layer, "call", recording_pooling(pooling.layer.call))
             if head.kind is HeadKind.ACTIVATION:
-                patch(head.layer, "activation", _recording_logits(head.layer.activation, captured))
+                patch(head.layer, "activation", _recording_logits(head.layer.activation, captured, recorder))
             elif head.kind is HeadKind.SOFTMAX_LAYER:
                 # Read ``call`` after patching the target, so that the two hooks chain if they are one layer.
-                patch(head.layer, "call", _recording_logits(head.layer.call, captured))
+                patch(head.layer, "call", _recording_logits(head.layer.call, captured, recorder))
             yield captured
-            if captured.pooled is not None and _consumers(captured.activations) != captured.pooling_ops:
+            if (
+                captured.pooled is not None
+                and captured.pooling_ops is not None
+                and recorder.readers(captured.activations) != captured.pooling_ops
+            ):
                 logger.debug("feature maps of %r are read outside the global pooling: no shortcut", target.path)
                 captured.pooled = None
         finally:

@@ -5,20 +5,23 @@ The engine's single compiled pass gives each method ``A`` (B, h, w, k), the targ
 the map is ``ReLU(sum_k W_k A_k)`` (Selvaraju et al. 2017, eq. 2). A method whose weights need ``G`` only
 through its spatial sums (``uses_gradient_sums``) also gives them from ``S_k = sum_ij G_ijk``, which the pass
 reads off a global pooling when it can (see :mod:`explain.engine`).
+
+The maths is written once, in ``keras.ops``: the same code runs inside the TensorFlow and the JAX pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
-import tensorflow as tf
+from keras import ops
 
 from explain.engine import BaseCAM
 
 
-def _spatial_mean(tensor: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tensor, axis=(1, 2), keepdims=True)
+def _spatial_mean(tensor: Any) -> Any:
+    return ops.mean(tensor, axis=(1, 2), keepdims=True)
 
 
 class GradCAM(BaseCAM):
@@ -27,11 +30,11 @@ class GradCAM(BaseCAM):
     name = "gradcam"
     uses_gradient_sums = True
 
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+    def weights(self, activations: Any, gradients: Any) -> Any:
         return _spatial_mean(gradients)
 
-    def weights_from_sums(self, gradient_sums: tf.Tensor, area: tf.Tensor) -> tf.Tensor:
-        return (gradient_sums / area)[:, tf.newaxis, tf.newaxis, :]
+    def weights_from_sums(self, gradient_sums: Any, area: Any) -> Any:
+        return (gradient_sums / area)[:, None, None, :]
 
 
 class GuidedGradCAM(BaseCAM):
@@ -39,8 +42,8 @@ class GuidedGradCAM(BaseCAM):
 
     name = "gradcam-guided"
 
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        mask = tf.cast((activations > 0) & (gradients > 0), gradients.dtype)
+    def weights(self, activations: Any, gradients: Any) -> Any:
+        mask = ops.cast(ops.logical_and(activations > 0, gradients > 0), gradients.dtype)
         return _spatial_mean(mask * gradients)
 
 
@@ -54,12 +57,12 @@ class GradCAMPlusPlus(BaseCAM):
 
     name = "gradcam++"
 
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        squared = tf.square(gradients)
-        denominator = 2.0 * squared + tf.reduce_sum(activations, axis=(1, 2), keepdims=True) * squared * gradients
-        safe = tf.where(denominator != 0.0, denominator, tf.ones_like(denominator))
-        alpha = tf.where(denominator != 0.0, squared / safe, tf.zeros_like(squared))
-        return tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
+    def weights(self, activations: Any, gradients: Any) -> Any:
+        squared = ops.square(gradients)
+        denominator = 2.0 * squared + ops.sum(activations, axis=(1, 2), keepdims=True) * squared * gradients
+        nonzero = ops.not_equal(denominator, 0.0)
+        alpha = ops.where(nonzero, squared / ops.where(nonzero, denominator, ops.ones_like(denominator)), 0.0)
+        return ops.sum(alpha * ops.relu(gradients), axis=(1, 2), keepdims=True)
 
 
 class HiResCAM(BaseCAM):
@@ -67,7 +70,7 @@ class HiResCAM(BaseCAM):
 
     name = "hirescam"
 
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+    def weights(self, activations: Any, gradients: Any) -> Any:
         return gradients
 
 
@@ -76,8 +79,8 @@ class LayerCAM(BaseCAM):
 
     name = "layercam"
 
-    def weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        return tf.nn.relu(gradients)
+    def weights(self, activations: Any, gradients: Any) -> Any:
+        return ops.relu(gradients)
 
 
 METHODS: Mapping[str, type[BaseCAM]] = MappingProxyType(

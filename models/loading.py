@@ -4,6 +4,10 @@ Formats: a Keras 3 ``.keras`` file; a legacy ``.h5`` (HDF5) file; a TF2 SavedMod
 tf.keras 2.x (such as the seed article's ``saved_model/inceptionV3``), read with the ``tf_keras`` package
 because Keras 3 no longer loads SavedModels as models. ``builtin:demo`` is the demo model shipped in this
 package; ``builtin:shortcut`` is the shortcut TEST model (``models/train_shortcut.py``), never a default.
+
+Backends: a ``.keras`` model runs on the Keras backend of the process (TensorFlow or JAX, fixed when Keras is
+first imported; ``model.backend`` names the one wanted). Legacy SavedModels and ``.h5`` files are tf_keras
+models, TensorFlow only: asking for another backend for them fails at load with a message that says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ SHORTCUT_DIR = Path(__file__).resolve().parent / "shortcut"
 SHORTCUT_PATH = "builtin:shortcut"
 BUILTIN_WEIGHTS = {DEMO_PATH: DEMO_WEIGHTS, SHORTCUT_PATH: SHORTCUT_DIR / "cxr_lens_shortcut_test_cnn.keras"}
 Framework = Literal["keras", "tf_keras"]
+BACKENDS = ("tensorflow", "jax")
 
 
 class ModelError(Exception):
@@ -50,6 +55,8 @@ class ModelSpec(Protocol):
     @property
     def target_layer(self) -> str: ...
     @property
+    def backend(self) -> str: ...
+    @property
     def is_demo(self) -> bool: ...
 
 
@@ -65,6 +72,7 @@ class DemoSpec:
     channels: int = 1
     preprocess: str = "unit"
     target_layer: str = "auto"
+    backend: str = "auto"
 
     @property
     def is_demo(self) -> bool:
@@ -83,6 +91,7 @@ class ShortcutSpec:
     channels: int = 1
     preprocess: str = "unit"
     target_layer: str = "auto"
+    backend: str = "auto"
 
     @property
     def is_demo(self) -> bool:
@@ -103,17 +112,49 @@ class LoadedModel:
     version: str
     is_demo: bool
     target_layer: str  # "auto" or a layer name
+    backend: str = "tensorflow"  # the Keras backend that runs the network
+
+
+def resolve_backend(requested: str) -> str:
+    """The backend ``model.backend`` names: "auto" is ``KERAS_BACKEND`` where set, else TensorFlow."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow") if requested == "auto" else requested
+    if backend not in BACKENDS:
+        source = "KERAS_BACKEND" if requested == "auto" else "model.backend"
+        raise ModelError(f"{source} {backend!r}: not supported; use one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _load_network(path: Path) -> tuple[Any, Framework]:
+def _tensorflow_only(path: Path, kind: str, backend: str) -> None:
+    if backend != "tensorflow":
+        raise ModelError(
+            f"model.path {path}: a {kind} is a tf_keras model and runs on TensorFlow only, but model.backend is "
+            f"{backend!r} (set model.backend = \"tensorflow\", or convert the model to .keras)"
+        )
+
+
+def _keras_on(backend: str) -> Any:
+    """Keras, checked to run on ``backend`` (fixed per process when Keras is first imported)."""
+    import keras
+
+    running = keras.config.backend()
+    if running != backend:
+        raise ModelError(
+            f"model.backend {backend!r}: Keras in this process already runs on {running!r} (the backend is fixed "
+            "when Keras is first imported: KERAS_BACKEND must be set before that)"
+        )
+    return keras
+
+
+def _load_network(path: Path, backend: str) -> tuple[Any, Framework]:
     _quiet_tensorflow()
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise ModelError(f"model.path {path}: a directory but not a SavedModel (no saved_model.pb)")
+        _tensorflow_only(path, "SavedModel", backend)
         import tf_keras
 
         return tf_keras.models.load_model(path, compile=False), "tf_keras"
@@ -121,10 +162,10 @@ def _load_network(path: Path) -> tuple[Any, Framework]:
         raise ModelError(f"model.path {path}: not found")
     suffix = path.suffix.lower()
     if suffix == ".keras":
-        import keras
-
-        return keras.saving.load_model(path, compile=False), "keras"
+        keras = _keras_on(backend)
+        return _under_global_policy(keras, keras.saving.load_model(path, compile=False)), "keras"
     if suffix in (".h5", ".hdf5"):
+        _tensorflow_only(path, f"{suffix} file", backend)
         # Legacy HDF5 files are written by tf.keras 2.x; tf_keras reads every variant of them faithfully,
         # including custom-object-free functional models that Keras 3's legacy loader rejects.
         import tf_keras
@@ -133,11 +174,35 @@ def _load_network(path: Path) -> tuple[Any, Framework]:
     raise ModelError(f"model.path {path}: unsupported format {suffix!r} (use .keras, .h5 or a SavedModel directory)")
 
 
+def _under_global_policy(keras: Any, network: Any) -> Any:
+    """``network`` computing under Keras' global dtype policy where that is a mixed one, but for its output layer.
+
+    A ``.keras`` file stores each layer's policy (float32 when saved so), which would leave the process's mixed
+    precision (``explain.configure_device``) unused. The variables stay float32 either way, and so does the
+    output layer (the softmax and the class scores before it, as Keras advises for mixed precision).
+    """
+    policy = keras.mixed_precision.global_policy()
+    if policy.compute_dtype == policy.variable_dtype:
+        return network
+    output_layer = network
+    while isinstance(getattr(output_layer, "layers", None), list) and output_layer.layers:
+        output_layer = output_layer.layers[-1]
+    pending = [network]
+    while pending:
+        layer = pending.pop()
+        if layer is not output_layer:
+            layer.dtype_policy = policy
+        pending.extend(getattr(layer, "layers", []))
+    log.info("model computes in %s (global policy %s), its output layer in float32", policy.compute_dtype, policy.name)
+    return network
+
+
 def load_model(settings: ModelSpec) -> LoadedModel:
     """Load the configured model and check that it fits the configuration (input shape, number of labels)."""
     path = DEMO_WEIGHTS if settings.is_demo else BUILTIN_WEIGHTS.get(settings.path) or Path(settings.path)
+    backend = resolve_backend(settings.backend)
     try:
-        network, framework = _load_network(path)
+        network, framework = _load_network(path, backend)
     except ModelError:
         raise
     except Exception as exc:  # every loader raises its own types; name the key and the file
@@ -145,7 +210,7 @@ def load_model(settings: ModelSpec) -> LoadedModel:
     _check_shapes(network, settings)
     if settings.target_layer != "auto" and not _has_layer(network, settings.target_layer):
         raise ModelError(f"model.target_layer {settings.target_layer!r}: no such layer in {path.name}")
-    log.info("loaded model %s %s (%s) from %s", settings.id, settings.version, framework, path)
+    log.info("loaded model %s %s (%s on %s) from %s", settings.id, settings.version, framework, backend, path)
     return LoadedModel(
         network=network,
         framework=framework,
@@ -157,6 +222,7 @@ def load_model(settings: ModelSpec) -> LoadedModel:
         version=settings.version,
         is_demo=settings.is_demo,
         target_layer=settings.target_layer,
+        backend=backend,
     )
 
 

@@ -16,6 +16,7 @@ import tf_keras
 
 import explain
 from explain import engine
+from explain.backends import tensorflow as tf_backend
 from explain.engine import MAX_BUCKET, GradientSource, explainer_for
 from explain.methods import GradCAM
 from models.architectures import build_demo_cnn, build_seed_inception
@@ -340,8 +341,8 @@ def test_the_predicted_class_pass_takes_only_the_images(demo_images: np.ndarray)
     x = demo_images[:2]
     predicted = explain.explain(network, x)
     explainer = explainer_for(network, "gradcam")
-    (function, _), = explainer._concrete.values()
-    assert [spec.dtype for spec in tf.nest.flatten(function.structured_input_signature)] == [tf.float32]
+    (compiled,) = explainer._concrete.values()
+    assert [spec.dtype for spec in tf.nest.flatten(compiled.function.structured_input_signature)] == [tf.float32]
     other = 1 - predicted.class_index
     named = explain.explain(network, x, class_index=other.tolist())
     np.testing.assert_array_equal(named.class_index, other)
@@ -372,7 +373,7 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
         ]
     )
     def pack(p: tf.Tensor, c: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
-        packed, map_shape = engine._pack(p, c, h)
+        packed, map_shape = tf_backend._pack(p, c, h)
         shapes.append(map_shape)
         return packed
 
@@ -383,7 +384,7 @@ def test_packed_results_unpack_when_the_map_size_is_known_only_at_run_time(keep:
     np.testing.assert_array_equal(p, probabilities[:keep])
     np.testing.assert_array_equal(c, classes[:keep])
     np.testing.assert_array_equal(h, heatmaps[:keep])
-    static, map_shape = engine._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
+    static, map_shape = tf_backend._pack(tf.constant(probabilities), tf.constant(classes), tf.constant(heatmaps))
     assert map_shape == (5, 7)
     np.testing.assert_array_equal(engine._unpack(static.numpy(), 3, 4, map_shape, keep)[2], heatmaps[:keep])
 
@@ -514,7 +515,7 @@ def ops_shaped_like(graphs: list[Any], shape: tuple[int, ...]) -> Counter[str]:
 
 
 def traced_graphs(explainer: Any) -> list[Any]:
-    return [function.graph for function, _ in explainer._concrete.values()]
+    return [compiled.function.graph for compiled in explainer._concrete.values()]
 
 
 def test_demo_gradcam_takes_the_pooled_gradient_and_skips_the_pooling_backward(

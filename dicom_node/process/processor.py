@@ -211,15 +211,20 @@ class Processor:
 
 
 def load_processor(settings: Settings) -> Processor:
-    """Load the model and rules named by ``settings`` (imports TensorFlow)."""
+    """Load the model and rules named by ``settings`` (imports Keras and its backend, TensorFlow or JAX)."""
     from dicom_node.process.rules import load_rules
-    from explain import configure_device
+    from dicom_node.startup import configure_keras_backend
     from models import loading as models_loading
-    from models.loading import load_model
+    from models.loading import load_model, resolve_backend
 
-    device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
-    log.info("device: %d GPU(s), mixed precision %s", device.gpus, "on" if device.mixed_precision else "off")
     try:
+        # Here rather than in configure_process: the backend is a model setting, and Keras is first imported below.
+        configure_keras_backend(resolve_backend(settings.model.backend))
+        from explain import configure_device
+
+        device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
+        log.info("device: %s, %d GPU(s), mixed precision %s", device.backend, device.gpus,
+                 device.policy if device.mixed_precision else "off")
         model = load_model(settings.model)
     except models_loading.ModelError as exc:
         raise ModelError(str(exc)) from exc
