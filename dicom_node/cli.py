@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the DICOM node (Storage SCP, workers, SC and HL7 senders)")
     _common(p)
+    p.add_argument("--role", choices=("all", "ingest", "worker", "sender"), default="all",
+                   help="what this process runs: ingest (Storage SCP), worker (model), sender (C-STORE and MLLP "
+                   "deliveries) or all (default); roles apart share [storage] url (PostgreSQL) and node.spool_dir")
 
     p = sub.add_parser("status", help="queue depths, parked items and last errors of a node's spool")
     _common(p)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from dicom_node.commands import run_serve
 
-            return run_serve(_settings(args))
+            return run_serve(_settings(args), role=args.role)
         if args.command == "status":
             from dicom_node.commands import run_status
 

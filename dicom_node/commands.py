@@ -138,14 +138,14 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
     return 1 if failed else 0
 
 
-def run_serve(settings: Settings) -> int:
-    """Run the node until SIGTERM or Ctrl-C; every unfinished job and outbox item resumes on the next start."""
+def run_serve(settings: Settings, *, role: str = "all") -> int:
+    """Run the node (the parts of ``role``) until SIGTERM or Ctrl-C; unfinished jobs and outbox items resume."""
     import signal
     import threading
 
     from dicom_node.node import compose
 
-    node = compose(settings)
+    node = compose(settings, role=role)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     node.start()

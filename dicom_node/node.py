@@ -18,14 +18,19 @@ from dicom_node.deliver.dicom import DicomSender
 from dicom_node.deliver.hl7 import HL7Sender
 from dicom_node.ops.metrics import Metrics, MetricsServer
 from dicom_node.process.processor import Processor, ProcessorStages, load_processor
-from dicom_node.process.rules import evaluate
-from dicom_node.process.worker import Stages, Worker
+from dicom_node.process.rules import evaluate, load_rules
+from dicom_node.process.worker import JobOutcome, Stages, Worker
 from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.storage.backend import JobStore, OutboxStore, open_job_store, open_storage
+from dicom_node.storage.jobs import Job
 from dicom_node.storage.spool import Spool
 
 LOG = logging.getLogger(__name__)
+
+# What a node process runs (``cxr-lens serve --role``): receiving (SCP), processing (worker), delivering
+# (senders), or all three. Roles scale apart when they share a PostgreSQL store and the spool directory.
+ROLES = ("all", "ingest", "worker", "sender")
 
 
 class BackgroundSender(Protocol):
@@ -53,7 +58,11 @@ class Node:
         metrics: Metrics | None = None,
         warm_up: Callable[[Callable[[], bool]], None] | None = None,
         owned: Sequence[JobStore | OutboxStore] = (),
+        role: str = "all",
     ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
+        self.role = role
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.spool = spool if spool is not None else Spool(settings.node.spool_dir)
@@ -96,18 +105,25 @@ class Node:
             raise RuntimeError("the HTTP server is not running")
         return self.http.port
 
+    def runs(self, part: str) -> bool:
+        """Whether this node's role runs ``part`` (ingest, worker or sender)."""
+        return self.role in ("all", part)
+
     def start(self) -> None:
-        """Start everything; if any part fails to start, stop what did start and re-raise."""
+        """Start the parts of the role; if any fails to start, stop what did start and re-raise."""
         try:
-            requeued = self.queue.requeue_processing()
-            if requeued:
-                LOG.info("requeued %d job(s) interrupted by the last shutdown", requeued)
-            self.worker.start()
+            if self.runs("worker"):
+                requeued = self.queue.requeue_processing()
+                if requeued:
+                    LOG.info("requeued %d job(s) interrupted by the last shutdown", requeued)
+                self.worker.start()
             self._stop_senders.clear()
-            self._start_sender("dicom", self.dicom_sender)
-            if self.hl7_sender is not None:
-                self._start_sender("hl7", self.hl7_sender)
-            self.scp.start()
+            if self.runs("sender"):
+                self._start_sender("dicom", self.dicom_sender)
+                if self.hl7_sender is not None:
+                    self._start_sender("hl7", self.hl7_sender)
+            if self.runs("ingest"):
+                self.scp.start()
             self.http = MetricsServer(
                 self.metrics, self.health, host=self.settings.node.host, port=self.settings.node.http_port
             )
@@ -115,8 +131,8 @@ class Node:
         except BaseException:
             self.stop()
             raise
-        LOG.info("node %s started: DICOM port %d, HTTP port %d", self.settings.node.ae_title, self.scp_port,
-                 self.http_port)
+        LOG.info("node %s started (role %s): DICOM port %s, HTTP port %d", self.settings.node.ae_title, self.role,
+                 self.scp_port if self.scp.running else "-", self.http_port)
 
     def _start_sender(self, name: str, sender: BackgroundSender) -> None:
         thread = threading.Thread(
@@ -151,8 +167,8 @@ class Node:
         ``model_ready`` is false while the model warms up at start: the node is up and queues what arrives.
         """
         components = {
-            "scp": self.scp.running,
-            "worker": self.worker.alive,
+            **({"scp": self.scp.running} if self.runs("ingest") else {}),
+            **({"worker": self.worker.alive} if self.runs("worker") else {}),
             **{f"{name}_sender": t.is_alive() for name, t in self._sender_threads.items()},
         }
         outbox: dict[str, dict[str, int]] = {}
@@ -160,7 +176,7 @@ class Node:
             outbox.setdefault(channel, {})[state] = n
         return {
             "ok": all(components.values()),
-            "model_ready": self.worker.model_ready.is_set(),
+            "model_ready": self.worker.model_ready.is_set() if self.runs("worker") else None,
             "components": components,
             "jobs": self.queue.counts(),
             "outbox": outbox,
@@ -174,10 +190,27 @@ class Node:
         self.stop()
 
 
-def compose(settings: Settings, processor: Processor | None = None) -> Node:
-    """Build the whole node from settings: model, rules, outbox, senders, SCP, worker. Nothing starts yet."""
-    processor = processor or load_processor(settings)
-    jobs, outbox = open_storage(settings)
+class _NoStages:
+    """The stages of a node whose role runs no worker (ingest, sender): it loads no model, and nothing calls them."""
+
+    def prepare(self, job: Job, data: bytes) -> Any:
+        raise RuntimeError(f"no worker in this node (job {job.id})")
+
+    def infer(self, items: Sequence[Any]) -> Sequence[Any]:
+        raise RuntimeError("no worker in this node")
+
+    def finish(self, job: Job, item: Any, result: Any) -> JobOutcome:
+        raise RuntimeError(f"no worker in this node (job {job.id})")
+
+
+def compose(settings: Settings, processor: Processor | None = None, *, role: str = "all") -> Node:
+    """Build the node of a role from settings: model (worker), rules, stores, senders, SCP. Nothing starts yet."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
+    if processor is None and role in ("all", "worker"):
+        processor = load_processor(settings)
+    rules = processor.rules if processor is not None else load_rules(settings.rules_file)
+    jobs, outbox = open_storage(settings, role=role)
     metrics = Metrics()  # one registry for the node and its senders
     dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
                                max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
@@ -185,12 +218,17 @@ def compose(settings: Settings, processor: Processor | None = None) -> Node:
     hl7_sender = HL7Sender(outbox, settings.hl7, metrics=metrics) if settings.hl7.enabled else None
 
     def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
-        verdict = evaluate(ds, processor.rules)
+        verdict = evaluate(ds, rules)
         return verdict.eligible, verdict.rule, verdict.reason
 
+    if processor is None:
+        return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
+                    metrics=metrics, queue=jobs, owned=(jobs, outbox), role=role, stages=_NoStages())
+    model = processor
+
     def warm_up(should_stop: Callable[[], bool]) -> None:
-        processor.warm_up(settings.worker.batch_size, should_stop)
+        model.warm_up(settings.worker.batch_size, should_stop)
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
-                warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox),
+                warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox), role=role,
                 stages=ProcessorStages(processor, dicom_sender, hl7_sender))

@@ -494,3 +494,32 @@ def test_database_outage_refuses_c_store_then_recovers_by_itself(own_cluster: Po
     finally:
         scp.stop()
         queue.close()
+
+
+def test_roles_start_only_their_parts(backend: Backend, tmp_path: Path) -> None:
+    """An ingest node receives into the shared store and runs no worker or sender; a sender node only delivers."""
+    from dicom_node.node import compose
+
+    settings = Settings(node=NodeSettings(ae_title="CXRLENS", host="127.0.0.1", port=0, http_port=0,
+                                          spool_dir=backend.spool_dir, free_disk_floor_mb=0),
+                        storage=backend.storage)
+    ingest = compose(settings, role="ingest")  # no processor given: an ingest node loads no model
+    with ingest:
+        health = ingest.health()
+        assert set(health["components"]) == {"scp"} and health["ok"] and health["model_ready"] is None
+        source = dcmread(sample("RG1_UNCR.dcm"))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", ingest.scp_port, ae_title="CXRLENS")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(source).Status) == 0x0000
+        assoc.release()
+    queue = backend.jobs()
+    assert queue.counts()["pending"] == 1  # left for a worker: nothing claimed it
+    sender = compose(settings.model_copy(update={"hl7": settings.hl7.model_copy(update={"enabled": False})}),
+                     role="sender")
+    with sender:
+        assert set(sender.health()["components"]) == {"dicom_sender"}
+        assert not sender.scp.running
+    with pytest.raises(ValueError, match="role"):
+        compose(settings, role="everything")

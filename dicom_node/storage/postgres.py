@@ -391,8 +391,9 @@ class PostgresJobQueue:
     def _has_work(self) -> bool:
         with self._db.transaction() as cur:
             cur.execute(
-                f"SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending')"
-                f" OR EXISTS (SELECT 1 FROM jobs WHERE state = 'processing' AND lease_expires_at < {_NOW})"
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending') OR EXISTS (SELECT 1 FROM jobs"
+                f" WHERE state = 'processing' AND lease_expires_at < {_NOW} AND claimed_by IS DISTINCT FROM %s)",
+                (self.holder,),
             )
             row = cur.fetchone()
         return bool(row and row[0])
@@ -441,14 +442,18 @@ class PostgresJobQueue:
         return sorted((_job(r) for r in rows), key=lambda j: j.id)
 
     def _recover_expired(self, cur: psycopg.Cursor[Any]) -> int:
-        """Jobs whose lease ran out: back to pending, or failed after ``max_attempts`` interruptions."""
+        """Jobs whose lease ran out: back to pending, or failed after ``max_attempts`` interruptions.
+
+        Never this queue's own claims: they are still in hand here, only their renewal ran late.
+        """
         cur.execute(
             "UPDATE jobs SET state = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,"
             " reason = CASE WHEN attempts >= %(max)s THEN %(why)s ELSE reason END,"
             f" claimed_by = NULL, lease_expires_at = NULL, updated_at = {_NOW}"
             " WHERE id IN (SELECT id FROM jobs WHERE state = 'processing'"
-            f" AND lease_expires_at < {_NOW} FOR UPDATE SKIP LOCKED)",
-            {"max": self.max_attempts, "why": f"interrupted {self.max_attempts} times (worker lost while processing?)"},
+            f" AND lease_expires_at < {_NOW} AND claimed_by IS DISTINCT FROM %(me)s FOR UPDATE SKIP LOCKED)",
+            {"max": self.max_attempts, "why": f"interrupted {self.max_attempts} times (worker lost while processing?)",
+             "me": self.holder},
         )
         return cur.rowcount
 
