@@ -22,10 +22,12 @@ def configure_process(*, verbose: bool = False, log_to_stderr: bool = True) -> N
     if log_to_stderr:
         logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # pynetdicom logs UIDs at INFO and whole data sets at DEBUG: quiet unless configured explicitly.
-    pynetdicom_logger = logging.getLogger("pynetdicom")
-    if pynetdicom_logger.level == logging.NOTSET:
-        pynetdicom_logger.setLevel(logging.WARNING)
+    # pynetdicom logs UIDs at INFO and whole data sets at DEBUG, highdicom the source's SOP Instance UID at INFO
+    # when it copies the Patient and Study modules (SR, Parametric Map): quiet unless configured explicitly.
+    for library in ("pynetdicom", "highdicom"):
+        library_logger = logging.getLogger(library)
+        if library_logger.level == logging.NOTSET:
+            library_logger.setLevel(logging.WARNING)
     # pydicom's reading validation quotes the offending value (a malformed patient name or age) in its warnings:
     # values we only store and copy are not validated on reading (no PHI in logs).
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -1,6 +1,7 @@
-"""Sending DICOM: deliver Secondary Captures from the durable outbox to each destination by C-STORE.
+"""Sending DICOM: deliver the node's DICOM objects (Secondary Capture, Parametric Map, Structured Report) from the
+durable outbox to each destination by C-STORE.
 
-Every SC is stored in the outbox (channel ``dicom``, destination ``AE@host:port``) before any attempt, and
+Every object is stored in the outbox (channel ``dicom``, destination ``AE@host:port``) before any attempt, and
 stays there until the destination accepts it. What each C-STORE status (PS3.4 Table B.2-1, PS3.7 Annex C) and
 each association outcome (PS3.8 9.3.4 A-ASSOCIATE-RJ) means for an item is decided by the two tables below:
 done, retry with exponential backoff, or park with the reason (shown by ``cxr-lens status``).
@@ -22,6 +23,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.deliver.sender import Disposition, OutboxSender, Outcome
@@ -33,6 +39,11 @@ from dicom_node.storage.spool import uid_hash
 logger = logging.getLogger(__name__)
 
 CHANNEL = "dicom"
+# What the node writes for one image. Every association proposes them all, so that an image's objects, queued one
+# behind the other, share one association instead of opening one each.
+RESULT_SOP_CLASSES: tuple[str, ...] = (SecondaryCaptureImageStorage, ParametricMapStorage, Comprehensive3DSRStorage)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03  # A-ASSOCIATE-AC presentation context result (PS3.8 Table 9-18)
 
 
 #: C-STORE response statuses we name explicitly (PS3.4 Table B.2-1; PS3.7 Annex C).
@@ -109,10 +120,11 @@ def destination_key(dest: DestinationSettings) -> str:
 
 
 class DicomSender(OutboxSender):
-    """Delivers Secondary Captures (DICOM Part 10 bytes) from the outbox to every configured destination.
+    """Delivers DICOM objects (Part 10 bytes) from the outbox to every configured destination.
 
     Items of one destination leave in FIFO order (the outbox head blocks the ones behind it until it is done
-    or parked). Due items of one SOP Class / transfer syntax share an association.
+    or parked). Due items share an association while the destination accepted a presentation context for each
+    one's SOP Class and transfer syntax: the head's own, and ``sop_classes`` uncompressed.
     """
 
     channel = CHANNEL
@@ -129,6 +141,7 @@ class DicomSender(OutboxSender):
         max_pdu: int = 1_048_576,
         metrics: Metrics | None = None,
         poll_s: float = 0.25,
+        sop_classes: Iterable[str] = RESULT_SOP_CLASSES,
     ) -> None:
         super().__init__(outbox, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, metrics=metrics,
                          poll_s=poll_s)
@@ -136,6 +149,7 @@ class DicomSender(OutboxSender):
         self.ae_title = ae_title
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu
+        self.sop_classes = tuple(UID(uid) for uid in sop_classes)
         # Built once: the files were checked when the settings loaded.
         self._tls: dict[str, ssl.SSLContext] = {
             key: d.tls.context() for key, d in self._destinations.items() if d.tls.enabled
@@ -148,18 +162,18 @@ class DicomSender(OutboxSender):
         return f"SC {item.id} ({uid_hash(item.dedup_key)})"
 
     def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str) -> list[int]:
-        """Store one SC for every destination; returns the outbox ids.
+        """Store one DICOM object for every destination; returns the outbox ids.
 
         ``resend=True``: when the same ``dedup_key`` was already delivered (a study sent to us again), the new
-        SC replaces it and is delivered again.
+        object replaces it and is delivered again.
         """
         ids = [self._store(key, dedup_key, sc_dataset_bytes, resend=True) for key in self._destinations]
         if not ids:
-            logger.warning("no DICOM destinations configured: Secondary Capture not queued")
+            logger.warning("no DICOM destinations configured: DICOM object not queued")
         return ids
 
     def attempt(self, destination: str, item: OutboxItem, now: float | None) -> int:
-        """C-STORE ``item`` and the due items behind it with the same presentation context, over one association."""
+        """C-STORE ``item`` and the due items behind it that the association can carry, over one association."""
         try:
             ds, context = _read(item)
         except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
@@ -171,16 +185,22 @@ class DicomSender(OutboxSender):
             self.settle(destination, item, _association_outcome(outcome, detail), now)
             return 1
         try:
-            return self._send_run(assoc, destination, item, ds, context, now)
+            if not _carries(assoc, context):
+                # The peer took the association for the other SOP Classes proposed alongside, not for this one.
+                self.settle(destination, item, _association_outcome(AssociationOutcome.NO_PRESENTATION_CONTEXT), now)
+                following = self._next_on(assoc, destination, now)
+                if following is None:
+                    return 1
+                item, ds = following
+            return self._send_run(assoc, destination, item, ds, now)
         finally:
             if assoc.is_established:
                 assoc.release()
 
     def _send_run(
-        self, assoc: Association, destination: str, item: OutboxItem, ds: Dataset, context: tuple[UID, UID],
-        now: float | None,
+        self, assoc: Association, destination: str, item: OutboxItem, ds: Dataset, now: float | None
     ) -> int:
-        """Send due items with the same context; stops at a retry, a dropped association or a context change."""
+        """Send due items; stops at a retry, a dropped association or an item no accepted context can carry."""
         sent = 0
         current: OutboxItem | None = item
         while current is not None:
@@ -203,16 +223,29 @@ class DicomSender(OutboxSender):
             self.settle(destination, current, outcome, now)
             if outcome.disposition is Disposition.RETRY or not assoc.is_established:
                 return sent
-            current = self.due(destination, now)
-            if current is None:
+            following = self._next_on(assoc, destination, now)
+            if following is None:
                 return sent
-            try:
-                ds, next_context = _read(current)
-            except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
-                return sent  # run_once parks it
-            if next_context != context:
-                return sent  # run_once opens a new association for it
+            current, ds = following
         return sent
+
+    def _next_on(
+        self, assoc: Association, destination: str, now: float | None
+    ) -> tuple[OutboxItem, Dataset] | None:
+        """The next due item if ``assoc`` can carry it. An item of a SOP Class the peer refused outright in this
+        association is parked on the way (asking again would get the same answer); None leaves the next item, if
+        any, to ``run_once``: a new association for it, or the park of an unreadable payload."""
+        while (current := self.due(destination, now)) is not None:
+            try:
+                ds, context = _read(current)
+            except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
+                return None
+            if _carries(assoc, context):
+                return current, ds
+            if not _refused(assoc, context[0]):
+                return None
+            self.settle(destination, current, _association_outcome(AssociationOutcome.NO_PRESENTATION_CONTEXT), now)
+        return None
 
     def _associate(self, dest: DestinationSettings, sop_class: UID, transfer_syntax: UID) -> Association:
         ae = AE(ae_title=self.ae_title)
@@ -220,12 +253,16 @@ class DicomSender(OutboxSender):
         ae.dimse_timeout = self.timeout_s
         ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s  # bounds the TCP connect and, with TLS, the handshake
-        # The SC's own transfer syntax in a context of its own, so an acceptor that takes it cannot pick another
-        # one; an uncompressed SC may fall back to the other uncompressed syntaxes (pynetdicom re-encodes).
+        # The object's own transfer syntax in a context of its own, so an acceptor that takes it cannot pick
+        # another one; an uncompressed object may fall back to the other uncompressed syntaxes (pynetdicom
+        # re-encodes).
         ae.add_requested_context(sop_class, [transfer_syntax])
         if not transfer_syntax.is_compressed:
-            fallback = [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != transfer_syntax]
+            fallback = [ts for ts in UNCOMPRESSED if ts != transfer_syntax]
             ae.add_requested_context(sop_class, fallback)
+        for other in self.sop_classes:
+            if other != sop_class:
+                ae.add_requested_context(other, list(UNCOMPRESSED))
         tls = self._tls.get(destination_key(dest))
         return ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu,
@@ -234,9 +271,34 @@ class DicomSender(OutboxSender):
 
 
 def _read(item: OutboxItem) -> tuple[Dataset, tuple[UID, UID]]:
-    """The SC in ``item`` and its presentation context (SOP Class, transfer syntax)."""
+    """The object in ``item`` and its presentation context (SOP Class, transfer syntax)."""
     ds = dcmread(BytesIO(item.payload))
     return ds, (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
+
+
+def _carries(assoc: Association, context: tuple[UID, UID]) -> bool:
+    """Whether ``assoc`` accepted a presentation context for this SOP Class that pynetdicom will send this transfer
+    syntax in: the syntax itself or, for an uncompressed object, another uncompressed one of its endianness."""
+    sop_class, transfer_syntax = context
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax != sop_class:
+            continue
+        accepted = UID(cx.transfer_syntax[0])
+        if accepted == transfer_syntax:
+            return True
+        uncompressed = not (accepted.is_compressed or transfer_syntax.is_compressed)
+        if uncompressed and accepted.is_little_endian == transfer_syntax.is_little_endian:
+            return True
+    return False
+
+
+def _refused(assoc: Association, sop_class: UID) -> bool:
+    """Whether the peer answered "abstract syntax not supported" (PS3.8 Table 9-18, result 3) for ``sop_class``
+    and accepted no context for it."""
+    if any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+        return False
+    return any(cx.abstract_syntax == sop_class and cx.result == ABSTRACT_SYNTAX_NOT_SUPPORTED
+               for cx in assoc.rejected_contexts)
 
 
 def _association_outcome(outcome: AssociationOutcome, detail: str = "") -> Outcome:
