@@ -300,6 +300,32 @@ def test_a_live_worker_keeps_its_claims_past_the_lease(pg_url: str) -> None:
 
 
 @needs_postgres()
+def test_a_job_whose_outcome_was_lost_is_let_go(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database failed as the worker stored an outcome: its lease is not renewed, another worker takes it."""
+    from dicom_node.storage.postgres import PostgresJobQueue
+
+    a, b = PostgresJobQueue(pg_url, lease_s=1.0), PostgresJobQueue(pg_url, lease_s=60)
+    try:
+        kept, lost = (a.add(k)[0] for k in KEYS[:2])
+        assert [j.id for j in a.claim_batch(2)] == [kept, lost]
+        working = a._db.transaction
+
+        def down() -> None:
+            raise StorageError("PostgreSQL: connection refused")
+
+        monkeypatch.setattr(a._db, "transaction", down)
+        with pytest.raises(StorageError):
+            a.fail(lost, "DecodeError")
+        monkeypatch.setattr(a._db, "transaction", working)
+        time.sleep(2.0)  # two leases: `kept` is renewed, `lost` is not
+        assert [j.id for j in b.claim_batch(5)] == [lost]
+        assert a.get(kept).state == JobState.PROCESSING  # type: ignore[union-attr]
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_postgres()
 def test_close_returns_claims_at_once(pg_url: str) -> None:
     from dicom_node.storage.postgres import PostgresJobQueue
 

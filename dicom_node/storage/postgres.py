@@ -5,8 +5,8 @@ what sharing needs:
 
 - claims take the oldest pending rows with ``SELECT ... FOR UPDATE SKIP LOCKED``, so concurrent workers never get
   the same job and never wait on each other's rows;
-- a claim is a lease: the queue renews the leases of its own claims every ``lease_s / 3`` seconds while its
-  process lives; a job whose lease ran out (its worker died) goes back to pending at the next claim, or fails
+- a claim is a lease: the queue renews the leases of the jobs it has in hand every ``lease_s / 3`` seconds
+  while its process lives; a job whose lease ran out (its worker died) goes back to pending at the next claim, or fails
   once it has been interrupted ``max_attempts`` times, like the SQLite queue's requeue at start;
 - ``add`` sends ``NOTIFY cxr_lens_jobs`` in its transaction; waiting workers ``LISTEN`` on a connection of their
   own and also look every ``poll_s`` seconds (a notification sent while that connection was down is not lost);
@@ -281,6 +281,8 @@ class PostgresJobQueue:
         self._closed = threading.Event()
         self._renewer: threading.Thread | None = None
         self._renew_lock = threading.Lock()
+        self._in_hand: set[int] = set()
+        self._in_hand_lock = threading.Lock()
         self._started_at = time.time()
         if identity is not None:
             self._start_renewer()
@@ -319,11 +321,18 @@ class PostgresJobQueue:
             self._closed.wait(self.lease_s / 3)
 
     def renew(self) -> int:
-        """Extend the leases of this queue's claims (and say this process is alive); returns how many."""
+        """Extend the leases of the jobs in hand (and say this process is alive); returns how many.
+
+        Only jobs claimed here and not settled yet: one whose outcome could not be stored (the database was
+        down) is let go, and its lease runs out so that a worker takes it again.
+        """
+        with self._in_hand_lock:
+            in_hand = sorted(self._in_hand)
         with self._db.transaction() as cur:
             cur.execute(
-                f"UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE claimed_by = %s AND state = 'processing'",
-                (self.lease_s, self.holder),
+                f"UPDATE jobs SET lease_expires_at = {_NOW} + %s"
+                " WHERE id = ANY(%s) AND claimed_by = %s AND state = 'processing'",
+                (self.lease_s, in_hand, self.holder),
             )
             renewed = cur.rowcount
             if self._identity is not None:
@@ -337,6 +346,8 @@ class PostgresJobQueue:
         return renewed
 
     def _release_claims(self) -> int:
+        with self._in_hand_lock:
+            self._in_hand.clear()
         with self._db.transaction() as cur:
             cur.execute(
                 f"UPDATE jobs SET state = 'pending', claimed_by = NULL, lease_expires_at = NULL, updated_at = {_NOW}"
@@ -392,8 +403,7 @@ class PostgresJobQueue:
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending') OR EXISTS (SELECT 1 FROM jobs"
-                f" WHERE state = 'processing' AND lease_expires_at < {_NOW} AND claimed_by IS DISTINCT FROM %s)",
-                (self.holder,),
+                f" WHERE state = 'processing' AND lease_expires_at < {_NOW})"
             )
             row = cur.fetchone()
         return bool(row and row[0])
@@ -439,21 +449,20 @@ class PostgresJobQueue:
             rows = cur.fetchall()
         if recovered:
             logger.info("%d job(s) whose worker was lost returned to the queue (lease ran out)", recovered)
-        return sorted((_job(r) for r in rows), key=lambda j: j.id)
+        jobs = sorted((_job(r) for r in rows), key=lambda j: j.id)
+        with self._in_hand_lock:
+            self._in_hand.update(j.id for j in jobs)
+        return jobs
 
     def _recover_expired(self, cur: psycopg.Cursor[Any]) -> int:
-        """Jobs whose lease ran out: back to pending, or failed after ``max_attempts`` interruptions.
-
-        Never this queue's own claims: they are still in hand here, only their renewal ran late.
-        """
+        """Jobs whose lease ran out: back to pending, or failed after ``max_attempts`` interruptions."""
         cur.execute(
             "UPDATE jobs SET state = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'pending' END,"
             " reason = CASE WHEN attempts >= %(max)s THEN %(why)s ELSE reason END,"
             f" claimed_by = NULL, lease_expires_at = NULL, updated_at = {_NOW}"
             " WHERE id IN (SELECT id FROM jobs WHERE state = 'processing'"
-            f" AND lease_expires_at < {_NOW} AND claimed_by IS DISTINCT FROM %(me)s FOR UPDATE SKIP LOCKED)",
-            {"max": self.max_attempts, "why": f"interrupted {self.max_attempts} times (worker lost while processing?)",
-             "me": self.holder},
+            f" AND lease_expires_at < {_NOW} FOR UPDATE SKIP LOCKED)",
+            {"max": self.max_attempts, "why": f"interrupted {self.max_attempts} times (worker lost while processing?)"},
         )
         return cur.rowcount
 
@@ -471,6 +480,8 @@ class PostgresJobQueue:
         self._set(job_id, JobState.INELIGIBLE, rule, reason)
 
     def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
+        with self._in_hand_lock:
+            self._in_hand.discard(job_id)  # settled, or given up on if this write fails
         with self._db.transaction() as cur:
             cur.execute(
                 f"UPDATE jobs SET state = %s, rule = %s, reason = %s, updated_at = {_NOW}, claimed_by = NULL,"
