@@ -41,6 +41,8 @@ CONTROL_ID = "CTL0000000000000001"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.2"
 SOP_UID = "1.2.826.0.1.3680043.8.498.3"
+PM_UID = "1.2.826.0.1.3680043.8.498.4"
+SR_UID = "1.2.826.0.1.3680043.8.498.5"
 
 
 def tiny_png() -> bytes:
@@ -202,6 +204,23 @@ def test_observations_profile() -> None:
     assert lines["^SOP Instance UID"].split("|", 2)[2] == f"HD|^SOP Instance UID||{SOP_UID}||||||P"
     set_ids = [int(str(obx[1])) for obx in msg.segments("OBX")]
     assert set_ids == list(range(1, len(set_ids) + 1))
+
+
+def test_parametric_map_and_report_follow_the_overlay_lines() -> None:
+    er7 = build_oru(make_source(), make_result(), make_overlay(tiny_png()), HL7Settings(),
+                    message_control_id=CONTROL_ID, now=NOW, parametric_map_uid=PM_UID, structured_report_uid=SR_UID)
+    msg = hl7.parse(er7)
+    pm, sr = obx_by_code(msg, "AIPMAP"), obx_by_code(msg, "AISR")
+    assert [str(pm[2]), str(pm[3]), str(pm[5]), str(pm[11])] == [
+        "HD", "AIPMAP^Parametric Map SOP Instance UID^99CXRL", PM_UID, "P"]
+    assert [str(sr[2]), str(sr[3]), str(sr[5]), str(sr[11])] == [
+        "HD", "AISR^Structured Report SOP Instance UID^99CXRL", SR_UID, "P"]
+    order = [str(obx[3]) for obx in msg.segments("OBX")]
+    assert order[-4:] == ["^SOP Instance UID", str(pm[3]), str(sr[3]), "AIOVERLAY^Grad-CAM overlay^99CXRL"]
+    # The lines before them are those of a message without them, unchanged.
+    plain = build()
+    assert er7.split("\r")[:-3] == plain.split("\r")[:-1]
+    assert er7.split("\r")[-1].split("|", 2)[2] == plain.split("\r")[-1].split("|", 2)[2]
 
 
 @pytest.mark.parametrize(
@@ -433,11 +452,12 @@ def lenient_dicom(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def same_as_hl7apy(inputs: Inputs) -> str:
+def same_as_hl7apy(inputs: Inputs, *, parametric_map_uid: str = "", structured_report_uid: str = "") -> str:
     """The hand-built ORU, asserted byte-identical to the hl7apy-built one."""
     source, result, overlay, settings, now = inputs
-    er7 = build_oru(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now)
-    reference = build_oru_hl7apy(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now)
+    others = {"parametric_map_uid": parametric_map_uid, "structured_report_uid": structured_report_uid}
+    er7 = build_oru(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now, **others)
+    reference = build_oru_hl7apy(source, result, overlay, settings, message_control_id=CONTROL_ID, now=now, **others)
     assert er7 == reference
     return er7
 
@@ -713,6 +733,26 @@ def test_same_bytes_as_hl7apy_for_values_v251_does_not_allow(case: str) -> None:
     same_as_hl7apy(NOT_VALID_V251[case]())
 
 
+@pytest.mark.parametrize(
+    ("overlay", "pm_uid", "sr_uid"),
+    [
+        (make_overlay(tiny_png()), PM_UID, SR_UID),
+        (make_overlay(None), PM_UID, ""),
+        (make_overlay(tiny_png()), "", SR_UID),
+        (OverlayRef(STUDY_UID, "", "", tiny_png()), PM_UID, SR_UID),  # the SC turned off
+        (OverlayRef("", "", "", None), "", ""),  # no DICOM object at all: the study line only
+    ],
+)
+def test_other_dicom_objects_same_bytes_as_hl7apy_and_valid(overlay: OverlayRef, pm_uid: str, sr_uid: str) -> None:
+    er7 = same_as_hl7apy(inputs(overlay=overlay), parametric_map_uid=pm_uid, structured_report_uid=sr_uid)
+    msg = assert_valid_er7(er7)
+    codes = [msg.unescape(str(obx[3][0][0])) or msg.unescape(str(obx[3][0][1])) for obx in msg.segments("OBX")]
+    assert ("112002" in codes, "SOP Instance UID" in codes) == (bool(overlay.sop_instance_uid),) * 2
+    assert ("AIPMAP" in codes, "AISR" in codes) == (bool(pm_uid), bool(sr_uid))
+    set_ids = [int(str(obx[1])) for obx in msg.segments("OBX")]
+    assert set_ids == list(range(1, len(set_ids) + 1))
+
+
 _ASCII = "ABCxyz0129 .-_|^~\\&"
 _UNICODE = _ASCII + "äÖßéЖ中\u3000\xa0"
 _BLANKS = (" ", "  ", "\u3000", " \xa0")  # str.isspace(): hl7apy sent blank parts of composite fields empty
@@ -839,10 +879,12 @@ def random_inputs(rng: random.Random) -> Inputs:
 @pytest.mark.usefixtures("lenient_dicom")
 def test_randomised_sources_give_the_same_bytes_as_hl7apy_and_valid_messages() -> None:
     rng = random.Random(20240305)
+    uid_rng = random.Random(9902)  # apart, so the other inputs are drawn as before
     non_ascii = blank = blank_obr4 = 0
     for _ in range(200):
         source, result, overlay, settings, now = case = random_inputs(rng)
-        er7 = same_as_hl7apy(case)
+        pm_uid, sr_uid = _random_uid(uid_rng), _random_uid(uid_rng)
+        er7 = same_as_hl7apy(case, parametric_map_uid=pm_uid, structured_report_uid=sr_uid)
         non_ascii += not er7.isascii()
         if segments(er7, "OBR")[0].split("|")[4] == "":  # a blank code: OBR-4 sent empty, as hl7apy sent it
             blank_obr4 += 1
@@ -856,7 +898,9 @@ def test_randomised_sources_give_the_same_bytes_as_hl7apy_and_valid_messages() -
         blank += any(value.isspace() for value in (patient_id, accession))
         assert [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")][0] == AI_DISCLAIMER
         images = 1 if settings.include_image and overlay.png else 0
-        assert len(msg.segments("OBX")) == 6 + len(result.probabilities) + images
+        sc_lines = 2 if overlay.sop_instance_uid else 0  # its series and SOP Instance UID
+        others = sum(1 for uid in (pm_uid, sr_uid) if uid)
+        assert len(msg.segments("OBX")) == 4 + len(result.probabilities) + sc_lines + others + images
         if images:
             assert base64.b64decode(str(obx_by_code(msg, "AIOVERLAY")[5][0][4])) == overlay.png
     assert 50 < non_ascii < 150 and blank > 5 and blank_obr4 < 10

@@ -68,6 +68,9 @@ OBS_STUDY = Code("113014", "DICOM Study", "DCM")
 OBS_SERIES = Code("112002", "Series Instance UID", "DCM")
 # There is no DCM code for a SOP Instance UID: RAD-28/128 use an HD OBX with only the text.
 OBS_SOP_INSTANCE = Code("", "SOP Instance UID", "")
+# The other DICOM objects of the result, in the same study, each named by its own code (HD, like the SC's).
+OBS_PARAMETRIC_MAP = Code("AIPMAP", "Parametric Map SOP Instance UID", LOCAL_CODING_SYSTEM)
+OBS_STRUCTURED_REPORT = Code("AISR", "Structured Report SOP Instance UID", LOCAL_CODING_SYSTEM)
 
 
 class ORUBuildError(CxrLensError):
@@ -307,11 +310,15 @@ def build_oru(
     *,
     message_control_id: str,
     now: datetime,
+    parametric_map_uid: str = "",
+    structured_report_uid: str = "",
 ) -> str:
     """Build the ORU^R01 for one result: ER7 with ``\\r`` between segments (none after the last).
 
     ``source`` is the received image (patient, order and study come from it); ``overlay`` names the Secondary
-    Capture that carries the heatmap. Missing DICOM attributes give empty fields; PID-3 and PID-5 (required in
+    Capture that carries the heatmap (its series and SOP Instance UID lines are left out when it has none, an SC
+    turned off); ``parametric_map_uid`` and ``structured_report_uid`` name the other DICOM objects of the result,
+    each in an OBX of its own when given. Missing DICOM attributes give empty fields; PID-3 and PID-5 (required in
     v2.5.1, type 2 in DICOM) are then sent empty and the receiver decides. Raises :class:`ORUBuildError` for a
     control ID that does not fit MSH-10 or a source that cannot be read; its text carries no patient values.
     """
@@ -334,7 +341,8 @@ def build_oru(
             15: settings.accept_ack_type,
             16: settings.application_ack_type,
         }
-        segments = [_msh(msh), *_order_segments(source, result, overlay, settings, now)]
+        others = [(OBS_PARAMETRIC_MAP, parametric_map_uid), (OBS_STRUCTURED_REPORT, structured_report_uid)]
+        segments = [_msh(msh), *_order_segments(source, result, overlay, settings, now, others)]
         if not all(segment.isascii() for segment in segments):
             msh[18] = UTF8_CHARSET  # MSH-18, Table 0211; the sender encodes UTF-8
             segments[0] = _msh(msh)
@@ -348,9 +356,15 @@ def _msh(fields: dict[int, str]) -> str:
 
 
 def _order_segments(
-    ds: Dataset, result: InferenceResult, overlay: OverlayRef, settings: HL7Settings, now: datetime
+    ds: Dataset,
+    result: InferenceResult,
+    overlay: OverlayRef,
+    settings: HL7Settings,
+    now: datetime,
+    others: list[tuple[Code, str]],
 ) -> list[str]:
-    """PID, ORC, OBR, the order-level NTEs and the OBXs, in message order."""
+    """PID, ORC, OBR, the order-level NTEs and the OBXs, in message order; ``others`` are (OBX-3, SOP Instance
+    UID) of the result's other DICOM objects, an empty UID for one not made."""
     patient_id = _text(ds, "PatientID")
     cx = "^".join([escape(patient_id), "", "", _assigning_authority(ds), "MR"]).rstrip("^") if patient_id else ""
     name = _person_name(ds, "PatientName")
@@ -401,9 +415,13 @@ def _order_segments(
         ("ST", OBS_METHOD, _components(result.method), ""),
         ("ST", OBS_MODEL, _components(result.model_text), ""),
         ("ST", OBS_STUDY, _components(study_uid), ""),
-        ("ST", OBS_SERIES, _components(overlay.series_instance_uid), ""),
-        ("HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid), ""),
     ]
+    if overlay.sop_instance_uid:
+        observations += [
+            ("ST", OBS_SERIES, _components(overlay.series_instance_uid), ""),
+            ("HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid), ""),
+        ]
+    observations += [("HD", code, _components(uid), "") for code, uid in others if uid]
     if settings.include_image and overlay.png:
         data = base64.b64encode(overlay.png).decode("ascii")  # the Base64 alphabet has no HL7 delimiters
         observations.append(("ED", OBS_OVERLAY, _components("", *ED_IMAGE_PNG, data), ""))

@@ -27,8 +27,10 @@ from dicom_node.outputs.oru import (
     OBS_METHOD,
     OBS_MODEL,
     OBS_OVERLAY,
+    OBS_PARAMETRIC_MAP,
     OBS_SERIES,
     OBS_SOP_INSTANCE,
+    OBS_STRUCTURED_REPORT,
     OBS_STUDY,
     ORDER_CONTROL,
     ORDER_STATUS,
@@ -70,8 +72,11 @@ def build_oru_hl7apy(
     *,
     message_control_id: str,
     now: datetime,
+    parametric_map_uid: str = "",
+    structured_report_uid: str = "",
 ) -> str:
-    """The former ``build_oru``: hl7apy objects, one setattr per field, validated on every call."""
+    """The former ``build_oru``: hl7apy objects, one setattr per field, validated on every call; extended as the
+    production builder was (the SC's lines only for an SC, an OBX per other DICOM object given)."""
     if not message_control_id or len(message_control_id) > CONTROL_ID_LENGTH or escape(message_control_id) != (
         message_control_id
     ):
@@ -82,7 +87,8 @@ def build_oru_hl7apy(
         # *escaped* text (IS(20) for HD.1, ST(199) for every OBX-5 component, so no ED image at all); valid
         # DICOM values can exceed it and receivers (IRIS included) do not enforce v2.5.1 lengths.
         message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-        _fill(message, source, result, overlay, settings, message_control_id, now)
+        others = [(OBS_PARAMETRIC_MAP, parametric_map_uid), (OBS_STRUCTURED_REPORT, structured_report_uid)]
+        _fill(message, source, result, overlay, settings, message_control_id, now, others)
         if not message.to_er7().isascii():
             message.msh.msh_18 = UTF8_CHARSET  # MSH-18, Table 0211; the sender encodes UTF-8
         validate_with_standins(message)
@@ -139,6 +145,7 @@ def _fill(
     settings: HL7Settings,
     control_id: str,
     now: datetime,
+    others: list[tuple[Code, str]],
 ) -> None:
     """Fill the segments."""
     msh = message.msh
@@ -215,10 +222,15 @@ def _fill(
     study_uid = overlay.study_instance_uid or _text(ds, "StudyInstanceUID")
     set_id += 1
     _obx(order, set_id, "ST", OBS_STUDY, _components(study_uid))
-    set_id += 1
-    _obx(order, set_id, "ST", OBS_SERIES, _components(overlay.series_instance_uid))
-    set_id += 1
-    _obx(order, set_id, "HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid))
+    if overlay.sop_instance_uid:
+        set_id += 1
+        _obx(order, set_id, "ST", OBS_SERIES, _components(overlay.series_instance_uid))
+        set_id += 1
+        _obx(order, set_id, "HD", OBS_SOP_INSTANCE, _components(overlay.sop_instance_uid))
+    for code, uid in others:
+        if uid:
+            set_id += 1
+            _obx(order, set_id, "HD", code, _components(uid))
 
     if settings.include_image and overlay.png:
         set_id += 1
