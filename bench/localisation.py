@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from explain.sanity import randomisation_correlation, randomised_copy
 from models.synthetic import SyntheticSet, generate
 
 POINTING_SEED = 4242  # disjoint from the training (1), validation (2) and held-out accuracy (3) seeds
@@ -47,27 +48,6 @@ def pointing_game(maps: np.ndarray, cases: SyntheticSet) -> float:
         peak = np.unravel_index(int(np.argmax(m)), m.shape)
         hits += bool(m.max() > 0 and cases.finding_mask(i)[peak])
     return hits / len(maps)
-
-
-def randomisation_correlation(trained: np.ndarray, randomised: np.ndarray) -> tuple[float, int]:
-    """Mean per-image Spearman rank correlation between two sets of maps, and over how many images.
-
-    Pairs where either map is constant (e.g. all zero after the ReLU) carry no ranking and are left out; the
-    count says how many pairs were compared, so a check cannot pass on empty maps alone.
-    """
-    from scipy.stats import spearmanr
-
-    values = [float(spearmanr(a.ravel(), b.ravel()).statistic)
-              for a, b in zip(trained, randomised, strict=True) if np.ptp(a) > 0 and np.ptp(b) > 0]
-    return (float(np.mean(values)) if values else float("nan")), len(values)
-
-
-def randomised_copy(network: object, seed: int = 0) -> object:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    clone = keras.models.clone_model(network)  # same architecture, freshly initialised weights
-    return clone
 
 
 def main(argv: list[str] | None = None) -> int:
