@@ -62,3 +62,23 @@ def test_legend_lines_name_method_model_and_no_evidence() -> None:
     assert lines[0] == "focal_opacity  p=0.912"
     assert "gradcam" in lines[1] and "DEMO MODEL" in lines[1]
     assert any("NO EVIDENCE" in line for line in lines)
+
+
+def test_legend_lines_give_the_lung_share_when_there_is_one() -> None:
+    lines = legend_lines("focal_opacity", 0.9, "gradcam", "m 1", no_evidence=False, lung_share=0.8149)
+    assert "evidence in the lungs 81%" in lines
+    assert not any("lungs" in line for line in legend_lines("x", 0.9, "gradcam", "m 1", no_evidence=False))
+
+
+def test_an_alert_gets_a_red_strip_between_the_radiograph_and_the_legend() -> None:
+    display, heatmap = _inputs()
+    plain = _compose(display, heatmap)
+    alerted = _compose(display, heatmap, alerts=["CHECK: evidence outside the lungs (markers 64%, lungs 3%)"])
+    np.testing.assert_array_equal(alerted[:300], plain[:300])  # the radiograph untouched
+    red = np.all(alerted == np.array([200, 0, 0], np.uint8), axis=2).mean(axis=1) > 0.5
+    rows = np.flatnonzero(red)
+    assert rows.size >= 10 and rows.min() >= 300
+    strip = alerted[rows.min():rows.max() + 1]
+    assert (strip > 180).all(axis=2).sum() > 20  # white text on it
+    np.testing.assert_array_equal(alerted[-(plain.shape[0] - 300):], plain[300:])  # the legend as before
+    assert not np.all(plain == np.array([200, 0, 0], np.uint8), axis=2).any()
