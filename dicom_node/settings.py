@@ -86,6 +86,38 @@ class ExplainSettings(_Section):
     no_evidence_threshold: float = Field(1e-6, ge=0.0)
 
 
+class LabelCode(_Section):
+    """The coded concept for a model label in the Structured Report (PS3.3 Table 8.8-1: value, scheme, meaning)."""
+
+    value: str = Field(min_length=1, max_length=64)  # SH, or Long Code Value beyond 16 characters
+    scheme: str = Field(min_length=1, max_length=16)  # e.g. SCT (SNOMED CT) or a private "99..." scheme
+    meaning: str = Field(min_length=1, max_length=64)  # LO
+
+    @model_validator(mode="after")
+    def _sctid(self) -> LabelCode:
+        if self.scheme == "SCT" and not self.value.isdigit():
+            raise ValueError("a SNOMED CT (SCT) code value is a number (an SCTID)")
+        return self
+
+
+# The demo model's classes are synthetic phantoms, not clinical findings: private codes, equal to the SR
+# builder's DEMO_LABEL_CODES (a test keeps them equal).
+_DEMO_LABEL_CODES = {
+    "no_finding": LabelCode(value="no_finding", scheme="99CXRL", meaning="No finding (model class)"),
+    "focal_opacity": LabelCode(value="focal_opacity", scheme="99CXRL", meaning="Focal opacity (model class)"),
+}
+
+
+class OutputsSettings(_Section):
+    """Which DICOM objects each processed image yields (besides the ORU), and the SR's codes for the labels."""
+
+    secondary_capture: bool = True
+    structured_report: bool = True
+    parametric_map: bool = True
+    # Label -> code for the SR's finding and probabilities; a label without one gets a private 99CXRL code.
+    label_codes: dict[str, LabelCode] = Field(default_factory=lambda: dict(_DEMO_LABEL_CODES))
+
+
 class PixelSettings(_Section):
     max_pixels: int = Field(64_000_000, ge=1)
     overlay_max_long_side: int = Field(512, ge=64, le=8192)
@@ -260,6 +292,7 @@ class Settings(BaseSettings):
 
     model: ModelSettings = ModelSettings()
     explain: ExplainSettings = ExplainSettings()
+    outputs: OutputsSettings = OutputsSettings()
     pixels: PixelSettings = PixelSettings()
     worker: WorkerSettings = WorkerSettings()
     node: NodeSettings = NodeSettings()
