@@ -36,6 +36,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.tls import TLSFileError, client_context, server_context
 
 DEMO_MODEL = "builtin:demo"
+TEST_MODEL = "builtin:shortcut"  # the shortcut TEST model, made to look at a burned-in marker (never a default)
 ENV_PREFIX = "CXR_LENS_"
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cxr_lens_toml", default=None)
@@ -61,6 +62,10 @@ class ModelSettings(_Section):
     def is_demo(self) -> bool:
         return self.path == DEMO_MODEL
 
+    @property
+    def is_test_model(self) -> bool:
+        return self.path == TEST_MODEL
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -84,6 +89,19 @@ class ExplainSettings(_Section):
     alpha: float = Field(0.45, ge=0.0, le=1.0)
     # A raw map whose maximum is below this is reported as "no evidence" instead of being stretched.
     no_evidence_threshold: float = Field(1e-6, ge=0.0)
+
+
+class TrustSettings(_Section):
+    """Explanation trust: where each heatmap's evidence lies (anatomy regions) and when to raise the alarm.
+
+    The thresholds are ``explain.trust.TrustThresholds``' fields and defaults (a test keeps them equal).
+    """
+
+    enabled: bool = True
+    border_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # width of the border band, fraction of the short side
+    max_marker_share: float = Field(0.05, ge=0.0, le=1.0)
+    max_border_share: float = Field(0.4, ge=0.0, le=1.0)
+    min_lung_share: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class LabelCode(_Section):
@@ -293,6 +311,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     explain: ExplainSettings = ExplainSettings()
     outputs: OutputsSettings = OutputsSettings()
+    trust: TrustSettings = TrustSettings()
     pixels: PixelSettings = PixelSettings()
     worker: WorkerSettings = WorkerSettings()
     node: NodeSettings = NodeSettings()
