@@ -20,7 +20,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_node.errors import CxrLensError
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
-    DEMO_LABEL,
     NODE_MANUFACTURER,
     NODE_MODEL_NAME,
     InferenceResult,
@@ -51,8 +50,8 @@ class SecondaryCaptureError(CxrLensError):
 
 def series_description(result: InferenceResult) -> str:
     text = f"AI {result.method} overlay - {result.model_id} {result.model_version}"
-    if result.is_demo:
-        text += " DEMO"
+    if result.model_label:
+        text += " " + result.model_label.split()[0]  # DEMO or TEST
     return text[:64]  # LO: at most 64 characters
 
 
@@ -110,9 +109,11 @@ def build_secondary_capture(source: Dataset, overlay_rgb: np.ndarray, result: In
         f"p={result.probability:.3f}; model {result.model_text}"
     )
     sc.DerivationDescription = derivation[:1024]
-    comments = [AI_DISCLAIMER] + ([DEMO_LABEL] if result.is_demo else [])
+    comments = [AI_DISCLAIMER] + ([result.model_label] if result.model_label else [])
     if result.no_evidence:
         comments.append("NO EVIDENCE: the heatmap is empty for the predicted class")
+    if result.trust_warning:
+        comments.append(result.trust_warning)
     sc.ImageComments = "; ".join(comments)
     for keyword in ("BodyPartExamined", "Laterality"):  # General Series attributes viewers filter on
         if keyword in source and keyword not in sc:
