@@ -21,7 +21,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dicom_node.outputs.parametric_map import PARAMETRIC_MAP_STORAGE
 from dicom_node.outputs.results import AI_DISCLAIMER, DEMO_LABEL
+from dicom_node.outputs.secondary_capture import SC_IMAGE_STORAGE
+from dicom_node.outputs.structured_report import COMPREHENSIVE_3D_SR_STORAGE
 from dicom_node.process.processor import (
     Failed,
     NotEligible,
@@ -33,6 +36,14 @@ from dicom_node.process.processor import (
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A processed image's DICOM objects: ``Processed`` attribute and ``[outputs]`` key, SOP Class, and file name in
+# ``explain``'s and ``demo``'s output directory.
+DICOM_OUTPUT_FILES = (
+    ("secondary_capture", SC_IMAGE_STORAGE, "overlay.dcm"),
+    ("parametric_map", PARAMETRIC_MAP_STORAGE, "parametric_map.dcm"),
+    ("structured_report", COMPREHENSIVE_3D_SR_STORAGE, "structured_report.dcm"),
+)
 
 
 def _expand(paths: list[Path]) -> list[Path]:
@@ -69,15 +80,17 @@ def result_record(source_name: str, outcome: Outcome) -> dict[str, Any]:
         record.update(reason=outcome.reason)
     else:
         r = outcome.result
-        sc = outcome.secondary_capture
+        objects = {
+            name: {"series_instance_uid": str(ds.SeriesInstanceUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
+            for name, _, _ in DICOM_OUTPUT_FILES if (ds := getattr(outcome, name)) is not None
+        }
         record.update(
             label=r.label,
             probability=round(r.probability, 6),
             probabilities={k: round(v, 6) for k, v in r.probabilities.items()},
             model={"id": r.model_id, "version": r.model_version, "demo": r.is_demo},
             explanation={"method": r.method, "heatmap_max": r.heatmap_max, "no_evidence": r.no_evidence},
-            secondary_capture={"series_instance_uid": str(sc.SeriesInstanceUID),
-                               "sop_instance_uid": str(sc.SOPInstanceUID)},
+            **objects,
             timings_ms=r.timings_ms,
             disclaimer=AI_DISCLAIMER + (f" - {DEMO_LABEL}" if r.is_demo else ""),
         )
@@ -87,7 +100,9 @@ def result_record(source_name: str, outcome: Outcome) -> dict[str, Any]:
 def write_outputs(directory: Path, source_name: str, outcome: Outcome) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(outcome, Processed):
-        outcome.secondary_capture.save_as(directory / "overlay.dcm", enforce_file_format=True)
+        for name, _, file_name in DICOM_OUTPUT_FILES:
+            if (dataset := getattr(outcome, name)) is not None:
+                dataset.save_as(directory / file_name, enforce_file_format=True)
         (directory / "overlay.png").write_bytes(outcome.overlay_png)
         (directory / "result.hl7").write_text(outcome.oru_message.replace("\r", "\n"), encoding="utf-8")
     record = result_record(source_name, outcome)
@@ -231,34 +246,46 @@ def run_demo(settings: Settings, out: Path, *, timeout_s: float = 600.0) -> int:
             assoc.release()
             print(f"demo: sent {DEMO_SAMPLE} (CR chest PA, {source.Rows}x{source.Columns}) to the node by C-STORE: "
                   f"status 0x{int(status.Status):04X}")
+            expected = sum(bool(getattr(settings.outputs, name)) for name, _, _ in DICOM_OUTPUT_FILES)
             deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and not (pacs.received and list(ris.out_dir.glob("*.hl7"))):
+            while time.monotonic() < deadline and not (len(pacs.received) >= expected
+                                                       and list(ris.out_dir.glob("*.hl7"))):
                 time.sleep(0.1)
                 failures = node.queue.recent_failures(1)
                 if failures:
                     print(f"cxr-lens demo: processing failed: {failures[0].reason}", file=sys.stderr)
                     return 1
             messages = sorted(ris.out_dir.glob("*.hl7"))
-            if not (pacs.received and messages):
-                print("cxr-lens demo: timed out waiting for the Secondary Capture and the ORU", file=sys.stderr)
+            if not (len(pacs.received) >= expected and messages):
+                print("cxr-lens demo: timed out waiting for the DICOM objects and the ORU", file=sys.stderr)
                 return 1
         finally:
             node.stop()
             pacs.stop()
             ris.stop()
-        sc = pydicom.dcmread(pacs.received[0].path)
-        sc.save_as(out / "overlay.dcm", enforce_file_format=True)
-        (out / "overlay.png").write_bytes(encode_png(sc.pixel_array))
+        by_class = {r.sop_class_uid: r.path for r in pacs.received}
+        received = [(file_name, pydicom.dcmread(by_class[sop_class]))
+                    for _, sop_class, file_name in DICOM_OUTPUT_FILES if sop_class in by_class]
+        files = []
+        for file_name, dataset in received:
+            dataset.save_as(out / file_name, enforce_file_format=True)
+            files.append(file_name)
+            if file_name == "overlay.dcm":
+                (out / "overlay.png").write_bytes(encode_png(dataset.pixel_array))
+                files.append("overlay.png")
         oru = messages[0].read_bytes().decode("utf-8")
         (out / "result.hl7").write_text(oru.replace("\r", "\n").rstrip("\x1c\x0b\n") + "\n", encoding="utf-8")
     elapsed = time.perf_counter() - started
     obx = [seg.split("|") for seg in oru.split("\r") if seg.startswith("OBX|")]
     finding = next((f[5] for f in obx if len(f) > 5 and f[2] == "CWE"), "")
-    same_study = sc.StudyInstanceUID == source.StudyInstanceUID
-    print(f"demo: Secondary Capture received by the PACS sink: series \"{sc.SeriesDescription}\", "
-          f"{'same study as the radiograph' if same_study else 'WRONG STUDY'}")
+    same_study = all(ds.StudyInstanceUID == source.StudyInstanceUID for _, ds in received)
+    for _, dataset in received:
+        same = dataset.StudyInstanceUID == source.StudyInstanceUID
+        print(f'demo: {dataset.SOPClassUID.name} received by the PACS sink: series "{dataset.SeriesDescription}", '
+              f"{'same study as the radiograph' if same else 'WRONG STUDY'}")
     print(f"demo: ORU^R01 received and acknowledged by the MLLP sink: finding {finding}")
     print(f"demo: {DEMO_LABEL if settings.model.is_demo else 'model ' + settings.model.id} - {AI_DISCLAIMER}")
-    print(f"demo: round trip {elapsed:.1f} s; outputs in {out.resolve()}: overlay.dcm, overlay.png, result.hl7")
-    print(f"overlay: {(out / 'overlay.png').resolve()}")
+    print(f"demo: round trip {elapsed:.1f} s; outputs in {out.resolve()}: {', '.join([*files, 'result.hl7'])}")
+    if "overlay.png" in files:
+        print(f"overlay: {(out / 'overlay.png').resolve()}")
     return 0 if same_study else 1

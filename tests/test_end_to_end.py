@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 
 import cv2
+import highdicom as hd
 import hl7
 import numpy as np
 import pydicom
@@ -23,6 +24,7 @@ from tests.support.peers import needs_binary, sample, start_orthanc
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
 RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+SC, PM, SR = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +40,13 @@ def _gray(png: Path) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY).astype(np.float32)
 
 
-def test_explain_writes_four_files_per_radiograph(explained: tuple[int, Path]) -> None:
+def test_explain_writes_six_files_per_radiograph(explained: tuple[int, Path]) -> None:
     code, out = explained
     assert code == 1  # the broken input failed, and the exit status says so
     for name in RG1:
         d = out / Path(name).stem
-        assert sorted(p.name for p in d.iterdir()) == ["overlay.dcm", "overlay.png", "result.hl7", "result.json"]
+        assert sorted(p.name for p in d.iterdir()) == [
+            "overlay.dcm", "overlay.png", "parametric_map.dcm", "result.hl7", "result.json", "structured_report.dcm"]
         result = json.loads((d / "result.json").read_text())
         assert result["status"] == "processed"
         assert result["label"] in ("no_finding", "focal_opacity")
@@ -55,6 +58,17 @@ def test_explain_writes_four_files_per_radiograph(explained: tuple[int, Path]) -
         message = hl7.parse((d / "result.hl7").read_text().replace("\n", "\r").strip())
         assert str(message.segment("MSH")[9]) == "ORU^R01^ORU_R01"
         assert "DEMO MODEL" in str(message)
+        # result.json and the ORU name each DICOM object written beside them, in the source's study.
+        source = pydicom.dcmread(sample(name), stop_before_pixels=True)
+        obx = {str(seg[3][0][0]) or str(seg[3][0][1]): str(seg[5]) for seg in message.segments("OBX")}
+        for key, file_name, code in (("secondary_capture", "overlay.dcm", "SOP Instance UID"),
+                                     ("parametric_map", "parametric_map.dcm", "AIPMAP"),
+                                     ("structured_report", "structured_report.dcm", "AISR")):
+            written = pydicom.dcmread(d / file_name, stop_before_pixels=True)
+            assert result[key] == {"series_instance_uid": written.SeriesInstanceUID,
+                                   "sop_instance_uid": written.SOPInstanceUID}
+            assert obx[code] == written.SOPInstanceUID
+            assert written.StudyInstanceUID == source.StudyInstanceUID
 
 
 def test_ineligible_and_broken_inputs_get_a_reason(explained: tuple[int, Path]) -> None:
@@ -85,27 +99,55 @@ def test_three_transfer_syntaxes_give_alike_overlays_with_dark_lungs(explained: 
 
 
 @requires_dciodvfy
-def test_explain_overlay_validates(explained: tuple[int, Path]) -> None:
+def test_explain_dicom_outputs_validate(explained: tuple[int, Path]) -> None:
     _, out = explained
     for name in RG1:
-        assert dciodvfy_errors(out / Path(name).stem / "overlay.dcm") == []
+        for file_name in ("overlay.dcm", "parametric_map.dcm", "structured_report.dcm"):
+            assert dciodvfy_errors(out / Path(name).stem / file_name) == [], (name, file_name)
+
+
+def test_explain_report_reads_back_with_its_references(explained: tuple[int, Path]) -> None:
+    _, out = explained
+    d = out / "RG1_J2KI"
+    result = json.loads((d / "result.json").read_text())
+    report = hd.sr.srread(d / "structured_report.dcm")
+    group = report.content.get_image_measurement_groups()[0]
+    probabilities = {m.name.value: m.value for m in group.get_measurements()}
+    assert probabilities == pytest.approx({k: v for k, v in result["probabilities"].items()}, abs=1e-6)
+    assert group.finding_type.value == result["label"]
+    referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for item in group[0].ContentSequence if item.ValueType == "IMAGE"}
+    source = pydicom.dcmread(sample("RG1_J2KI.dcm"), stop_before_pixels=True)
+    assert referenced == {source.SOPInstanceUID, result["secondary_capture"]["sop_instance_uid"],
+                          result["parametric_map"]["sop_instance_uid"]}
+    heatmap = pydicom.dcmread(d / "parametric_map.dcm")
+    assert heatmap.pixel_array.shape == (source.Rows, source.Columns)
 
 
 def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "same study as the radiograph" in printed and "DEMO MODEL" in printed
-    sc = pydicom.dcmread(tmp_path / "overlay.dcm")
-    assert sc.StudyInstanceUID == pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).StudyInstanceUID
+    study = pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).StudyInstanceUID
+    oru = (tmp_path / "result.hl7").read_text()
+    received = {}
+    for file_name, sop_class in (("overlay.dcm", SC), ("parametric_map.dcm", PM), ("structured_report.dcm", SR)):
+        ds = pydicom.dcmread(tmp_path / file_name)
+        assert (ds.SOPClassUID, ds.StudyInstanceUID) == (sop_class, study)
+        assert ds.SOPInstanceUID in oru  # the ORU names every object the PACS received
+        received[file_name] = ds
+    assert printed.count("same study as the radiograph") == 3
     assert (tmp_path / "overlay.png").stat().st_size > 10_000
-    assert "OBX" in (tmp_path / "result.hl7").read_text()
-    if shutil.which("dciodvfy"):  # the SC that travelled over the network is judged too
-        assert dciodvfy_errors(tmp_path / "overlay.dcm") == []
+    assert "OBX" in oru
+    if shutil.which("dciodvfy"):  # the objects that travelled over the network are judged too
+        for file_name in received:
+            assert dciodvfy_errors(tmp_path / file_name) == [], file_name
 
 
 @needs_binary("Orthanc", "/usr/sbin/Orthanc")
-def test_orthanc_pushes_radiographs_and_gets_overlays_back(tmp_path: Path) -> None:
-    """Orthanc (the PACS) pushes RG1 in three transfer syntaxes, RG3 and a CT; only RG1 gets an overlay back."""
+def test_orthanc_pushes_radiographs_and_gets_their_objects_back(tmp_path: Path) -> None:
+    """Orthanc (the PACS) pushes RG1 in three transfer syntaxes, RG3 and a CT; only RG1 gets objects back: an SC,
+    a Parametric Map and an SR per instance, in RG1's study."""
     from dicom_node.node import compose
 
     node_port = free_port()
@@ -137,15 +179,29 @@ def test_orthanc_pushes_radiographs_and_gets_overlays_back(tmp_path: Path) -> No
             assert counts.get("done", 0) == 3 and counts.get("ineligible", 0) == 1 and not counts.get("failed")
         rg1_study = again["ParentStudy"]
         series = orthanc.get(f"/studies/{rg1_study}/series")
-        sc_series = [s for s in series if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI gradcam")]
-        assert len(series) == 2 and len(sc_series) == 1  # the radiograph's series and one overlay series
-        references = set()
-        for instance in sc_series[0]["Instances"]:
-            sc = pydicom.dcmread(BytesIO(orthanc.get_bytes(f"/instances/{instance}/file")))
-            assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and "DEMO MODEL" in sc.ImageComments
-            references.add(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        by_class: dict[str, list[pydicom.Dataset]] = {}
+        for one_series in series:
+            datasets = [pydicom.dcmread(BytesIO(orthanc.get_bytes(f"/instances/{i}/file")))
+                        for i in one_series["Instances"]]
+            (sop_class,) = {ds.SOPClassUID for ds in datasets}  # one kind of object per series
+            assert sop_class not in by_class  # and one series per kind
+            by_class[sop_class] = datasets
         sources = {pydicom.dcmread(sample(n), stop_before_pixels=True).SOPInstanceUID for n in RG1}
-        assert references == sources  # one overlay per source instance, none twice
+        assert sorted(by_class) == sorted(["1.2.840.10008.5.1.4.1.1.1", SC, PM, SR])  # the radiographs' series too
+        objects_of: dict[str, set[str]] = {source: set() for source in sources}
+        for sop_class in (SC, PM):
+            for ds in by_class[sop_class]:
+                assert "DEMO MODEL" in ds.ImageComments
+                objects_of[ds.SourceImageSequence[0].ReferencedSOPInstanceUID].add(ds.SOPInstanceUID)
+        # One SC and one map per source instance, none twice, and one report per source naming all three.
+        assert all(len(objects) == 2 for objects in objects_of.values())
+        reports = {}
+        for sr in by_class[SR]:
+            evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                        for series_item in study.ReferencedSeriesSequence for ref in series_item.ReferencedSOPSequence}
+            (source,) = evidence & sources
+            reports[source] = evidence
+        assert reports == {source: {source, *objects} for source, objects in objects_of.items()}
         for other in ("RG3_UNCR.dcm", "CT_small.dcm"):
             ds = pydicom.dcmread(sample(other), stop_before_pixels=True)
             study = [s for s in orthanc.get("/studies?expand")

@@ -1,4 +1,4 @@
-"""The one place where the stages are wired: render -> explain -> overlay -> Secondary Capture + ORU.
+"""The one place where the stages are wired: render -> explain -> overlay -> SC, Parametric Map, SR + ORU.
 
 :class:`Processor` does one image's steps (``prepare``, ``infer`` for a batch, ``build_outputs``);
 :class:`ProcessorStages` runs them as the worker's stages and enqueues the outputs in the outbox.
@@ -21,17 +21,20 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
 from dicom_node.errors import CxrLensError, ModelError
 from dicom_node.imaging import pixels
 from dicom_node.outputs.oru import build_oru, new_message_control_id
+from dicom_node.outputs.parametric_map import build_parametric_map
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
     DEMO_LABEL,
     InferenceResult,
     OverlayRef,
 )
-from dicom_node.outputs.secondary_capture import build_secondary_capture
+from dicom_node.outputs.secondary_capture import build_secondary_capture, overlay_uids
+from dicom_node.outputs.structured_report import InstanceReference, build_structured_report
 from dicom_node.process.rules import Rules, evaluate
 from dicom_node.process.worker import JobOutcome
 from dicom_node.settings import Settings
@@ -45,16 +48,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Processed:
+    """One image's outputs. The DICOM objects are None where ``[outputs]`` turns them off."""
+
     result: InferenceResult
-    secondary_capture: Dataset
+    secondary_capture: Dataset | None
     overlay: np.ndarray  # RGB, what the SC carries
     oru_message: str
+    # The ORU's key in the outbox: the overlay's SOP Instance UID, stable per (source, model, method), built or not.
+    oru_key: str
+    parametric_map: Dataset | None = None
+    structured_report: Dataset | None = None
     status: str = "processed"
 
     @property
     def overlay_png(self) -> bytes:
-        """The overlay as PNG, encoded on demand (the node sends only the SC and the ORU)."""
+        """The overlay as PNG, encoded on demand (the node sends only the DICOM objects and the ORU)."""
         return encode_png(self.overlay)
+
+    @property
+    def dicom_outputs(self) -> list[Dataset]:
+        """The DICOM objects to deliver: SC, Parametric Map, then the SR that references them."""
+        return [ds for ds in (self.secondary_capture, self.parametric_map, self.structured_report) if ds is not None]
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,9 @@ class Processor:
         self.settings = settings
         self.model = model
         self.rules = rules
+        self._label_codes = {
+            label: Code(code.value, code.scheme, code.meaning) for label, code in settings.outputs.label_codes.items()
+        }
 
     def warm_up(self, batch_size: int, should_stop: Callable[[], bool]) -> None:
         """Trace every batch-size bucket up to ``batch_size`` before the first job (see ``explain.warm_up``)."""
@@ -169,7 +186,8 @@ class Processor:
         return outcomes
 
     def build_outputs(self, item: Prepared, model_result: ModelResult) -> Processed:
-        """Overlay, Secondary Capture and ORU for one image; raises :class:`ModelError` on a non-finite output."""
+        """Overlay, the DICOM objects ``[outputs]`` enables (Secondary Capture, Parametric Map, Structured Report)
+        and the ORU for one image; raises :class:`ModelError` on a non-finite output."""
         from explain.overlay import compose_overlay, legend_lines
         from explain.render import normalise
 
@@ -198,17 +216,39 @@ class Processor:
             warnings=warnings, colormap=cfg.colormap, alpha=cfg.alpha,
         )
         timings["overlay"] = _ms(t)
-        t = time.perf_counter()
-        sc = build_secondary_capture(item.source, overlay, result)
-        timings["secondary_capture"] = _ms(t)
+        enabled = self.settings.outputs
+        sc = pm = sr = None
+        if enabled.secondary_capture:
+            t = time.perf_counter()
+            sc = build_secondary_capture(item.source, overlay, result)
+            timings["secondary_capture"] = _ms(t)
+        if enabled.parametric_map:
+            t = time.perf_counter()
+            pm = build_parametric_map(item.source, heat.map, result)  # at the map's own resolution: it resamples
+            timings["parametric_map"] = _ms(t)
+        if enabled.structured_report:
+            t = time.perf_counter()
+            sr = build_structured_report(
+                item.source, result,
+                secondary_capture=InstanceReference.of(sc) if sc is not None else None,
+                parametric_map=InstanceReference.of(pm) if pm is not None else None,
+                # Hook for the trust evidence (explain.trust's as_dict(): lung share, verdict, reasons) once the
+                # result carries it; without it the SR leaves those items out.
+                label_codes=self._label_codes, evidence=None,
+            )
+            timings["structured_report"] = _ms(t)
         t = time.perf_counter()
         hl7_png = encode_png(overlay, self.settings.hl7.image_long_side) if self.settings.hl7.include_image else None
-        ref = OverlayRef(str(sc.StudyInstanceUID), str(sc.SeriesInstanceUID), str(sc.SOPInstanceUID), hl7_png)
+        study_uid = str(item.source.get("StudyInstanceUID", ""))
+        ref = (OverlayRef(study_uid, str(sc.SeriesInstanceUID), str(sc.SOPInstanceUID), hl7_png) if sc is not None
+               else OverlayRef(study_uid, "", "", hl7_png))
         oru = build_oru(item.source, result, ref, self.settings.hl7,
-                        message_control_id=new_message_control_id(), now=datetime.now().astimezone())
+                        message_control_id=new_message_control_id(), now=datetime.now().astimezone(),
+                        structured_report_uid=str(sr.SOPInstanceUID) if sr is not None else "",
+                        parametric_map_uid=str(pm.SOPInstanceUID) if pm is not None else "")
         timings["hl7"] = _ms(t)
-        return Processed(result=result, secondary_capture=sc, overlay=overlay, oru_message=oru)
-
+        return Processed(result=result, secondary_capture=sc, overlay=overlay, oru_message=oru,
+                         oru_key=overlay_uids(item.source, result)[1], parametric_map=pm, structured_report=sr)
 
 def load_processor(settings: Settings) -> Processor:
     """Load the model and rules named by ``settings`` (imports Keras and its backend, TensorFlow or JAX)."""
@@ -245,16 +285,18 @@ def _parse_spooled(data: bytes) -> Dataset | Failed:
 
 
 def enqueue_outputs(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> JobOutcome:
-    """Enqueue a processed job's outputs in the outbox (SC, then ORU) and return the job's outcome.
+    """Enqueue a processed job's outputs in the outbox (SC, Parametric Map, SR, then ORU) and return the job's
+    outcome.
 
     Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
-    and the outbox's de-duplication key (the overlay's SOP Instance UID) keeps it from being delivered twice.
+    and the outbox's de-duplication keys (each DICOM object's SOP Instance UID; the overlay's for the ORU) keep
+    them from being delivered twice.
     """
     if isinstance(outcome, Processed):
-        key = str(outcome.secondary_capture.SOPInstanceUID)
-        dicom_sender.enqueue(_part10_bytes(outcome.secondary_capture), dedup_key=key)
+        for dataset in outcome.dicom_outputs:
+            dicom_sender.enqueue(_part10_bytes(dataset), dedup_key=str(dataset.SOPInstanceUID))
         if hl7_sender is not None:
-            hl7_sender.enqueue(outcome.oru_message, dedup_key=key)
+            hl7_sender.enqueue(outcome.oru_message, dedup_key=outcome.oru_key)
         return JobOutcome(job_id, JobState.DONE)
     if isinstance(outcome, NotEligible):
         return JobOutcome(job_id, JobState.INELIGIBLE, rule=outcome.rule, reason=outcome.reason)
@@ -263,7 +305,7 @@ def enqueue_outputs(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender
 
 class ProcessorStages:
     """The node's work as the worker's :class:`~dicom_node.process.worker.Stages`: parse and render on the decode
-    pool, one model pass per batch, overlay + Secondary Capture + ORU (enqueued in the outbox) on the output pool.
+    pool, one model pass per batch, overlay + DICOM objects + ORU (enqueued in the outbox) on the output pool.
 
     A stage that raises (``build_outputs``' :class:`ModelError`, for one) fails its job in the worker, with our
     own errors' messages as the reason.
