@@ -342,3 +342,24 @@ def test_a_refused_head_is_parked_and_what_follows_goes_on_the_same_association(
     assert old_pacs.stored == [str(out.structured_report.SOPInstanceUID)]  # type: ignore[union-attr]
     assert _parked_classes(outbox) == [ParametricMapStorage]
     assert sender.associations == 1
+
+
+def test_the_test_model_and_a_trust_warning_are_named_in_the_map_and_the_report() -> None:
+    import dataclasses
+
+    from dicom_node.outputs.parametric_map import build_parametric_map
+    from dicom_node.outputs.structured_report import build_structured_report
+
+    source = _source()
+    suspect = {"lungs": 0.03, "body": 0.2, "outside_body": 0.03, "border": 0.1, "markers": 0.64,
+               "peak_region": "markers", "verdict": "suspect", "reasons": ["evidence_on_marker"]}
+    result = dataclasses.replace(_processed(_processor(), source).result, is_demo=False, is_test=True,
+                                 evidence=suspect)
+    pm = build_parametric_map(source, _hot_spot(), result)
+    sr = build_structured_report(source, result, evidence=result.evidence)
+    assert pm.SeriesDescription.endswith(" TEST") and sr.SeriesDescription.endswith(" TEST")
+    assert "TEST MODEL" in pm.ImageComments and result.trust_warning in pm.ImageComments
+    assert result.trust_warning.startswith("CHECK: ")
+    group = hd.sr.srread(io.BytesIO(_part10(sr))).content.get_image_measurement_groups()[0]
+    shares = {m.name.value: m.value for m in group.get_measurements()}
+    assert float(shares["lung_share"]) == pytest.approx(0.03)

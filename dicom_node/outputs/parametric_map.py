@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from dicom_node.errors import CxrLensError
-from dicom_node.outputs.results import AI_DISCLAIMER, DEMO_LABEL, NODE_MANUFACTURER, NODE_MODEL_NAME, InferenceResult
+from dicom_node.outputs.results import AI_DISCLAIMER, NODE_MANUFACTURER, NODE_MODEL_NAME, InferenceResult
 from dicom_node.outputs.secondary_capture import _instance_number, software_version
 
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
@@ -93,8 +93,8 @@ def map_levels(heatmap: np.ndarray, rows: int, columns: int, *, no_evidence: boo
 
 def series_description(result: InferenceResult) -> str:
     text = f"AI {result.method} class activation map - {result.model_id} {result.model_version}"
-    if result.is_demo:
-        text += " DEMO"
+    if result.model_label:
+        text += " " + result.model_label.split()[0]  # DEMO or TEST
     return text[:64]  # LO
 
 
@@ -175,9 +175,11 @@ def build_parametric_map(
     pm.SeriesDescription = series_description(result)
     # General Series Laterality is Type 2C for the map; a chest as a whole has none unless the source says so.
     pm.Laterality = source.get("Laterality", "")
-    comments = [AI_DISCLAIMER] + ([DEMO_LABEL] if result.is_demo else [])
+    comments = [AI_DISCLAIMER] + ([result.model_label] if result.model_label else [])
     if result.no_evidence:
         comments.append("NO EVIDENCE: the heatmap is empty for the predicted class")
+    if result.trust_warning:
+        comments.append(result.trust_warning)
     pm.ImageComments = "; ".join(comments)
     if transfer_syntax_uid != ExplicitVRLittleEndian:
         pm.compress(transfer_syntax_uid)  # pydicom's encoders: several times faster than highdicom's per-frame path

@@ -115,8 +115,8 @@ def method_code(method: str) -> Code:
 
 def series_description(result: InferenceResult) -> str:
     text = f"AI findings ({result.method}) - {result.model_id} {result.model_version}"
-    if result.is_demo:
-        text += " DEMO"
+    if result.model_label:
+        text += " " + result.model_label.split()[0]  # DEMO or TEST
     return text[:64]  # LO
 
 

@@ -232,9 +232,8 @@ class Processor:
                 item.source, result,
                 secondary_capture=InstanceReference.of(sc) if sc is not None else None,
                 parametric_map=InstanceReference.of(pm) if pm is not None else None,
-                # Hook for the trust evidence (explain.trust's as_dict(): lung share, verdict, reasons) once the
-                # result carries it; without it the SR leaves those items out.
-                label_codes=self._label_codes, evidence=None,
+                # The trust evidence (lung share, verdict, reasons) where [trust] judged the map; else left out.
+                label_codes=self._label_codes, evidence=result.evidence,
             )
             timings["structured_report"] = _ms(t)
         t = time.perf_counter()
