@@ -22,6 +22,7 @@ from dicom_node.process.rules import evaluate, load_rules
 from dicom_node.process.worker import JobOutcome, Stages, Worker
 from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
+from dicom_node.startup import freeze_heap
 from dicom_node.storage.backend import JobStore, OutboxStore, open_job_store, open_storage
 from dicom_node.storage.jobs import Job
 from dicom_node.storage.spool import Spool
@@ -209,6 +210,7 @@ def compose(settings: Settings, processor: Processor | None = None, *, role: str
         raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
     if processor is None and role in ("all", "worker"):
         processor = load_processor(settings)
+        freeze_heap()
     rules = processor.rules if processor is not None else load_rules(settings.rules_file)
     jobs, outbox = open_storage(settings, role=role)
     metrics = Metrics()  # one registry for the node and its senders
@@ -228,6 +230,7 @@ def compose(settings: Settings, processor: Processor | None = None, *, role: str
 
     def warm_up(should_stop: Callable[[], bool]) -> None:
         model.warm_up(settings.worker.batch_size, should_stop)
+        freeze_heap()  # the traced functions too
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
                 warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox), role=role,

@@ -15,6 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+from typing_extensions import Buffer
 
 from dicom_node.deliver.dicom import DicomSender
 from dicom_node.node import BackgroundSender, Node
@@ -49,8 +50,8 @@ class FakeStages:
     def __init__(self, sender: DicomSender) -> None:
         self.sender = sender
 
-    def prepare(self, job: Job, data: bytes) -> bytes:
-        return data
+    def prepare(self, job: Job, data: Buffer) -> bytes:
+        return bytes(data)  # the worker hands over a view of the spooled file
 
     def infer(self, items: Sequence[bytes]) -> list[bytes]:
         return list(items)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typing_extensions import Buffer
 
 from dicom_node.errors import DecodeError
 from dicom_node.peers.node_process import wait_until as _wait_until
@@ -66,7 +67,8 @@ class Recorder:
         with self.lock:
             self.threads[stage].add(threading.current_thread().name)
 
-    def prepare(self, job: Job, data: bytes) -> Any:
+    def prepare(self, job: Job, data: Buffer) -> Any:
+        data = bytes(data)  # the worker hands over a view of the spooled file
         self._note("prepare")
         with self.lock:
             self.prepared.append(data)
@@ -177,7 +179,8 @@ def test_an_exception_fails_its_jobs_without_phi_and_the_worker_goes_on(
     failing.set()
 
     class Failing(Recorder):
-        def prepare(self, job: Job, data: bytes) -> Any:
+        def prepare(self, job: Job, data: Buffer) -> Any:
+            data = bytes(data)  # the worker hands over a view of the spooled file
             if stage == "prepare" and failing.is_set():
                 raise ValueError(PHI)  # a third-party message quoting the data set
             return super().prepare(job, data)
@@ -214,7 +217,8 @@ def test_own_errors_keep_their_message(store: tuple[JobQueue, Spool]) -> None:
     queue, spool = store
 
     class Truncated(Recorder):
-        def prepare(self, job: Job, data: bytes) -> Any:
+        def prepare(self, job: Job, data: Buffer) -> Any:
+            data = bytes(data)  # the worker hands over a view of the spooled file
             raise DecodeError("JPEG-LS stream truncated")
 
     ids = _add(queue, spool, [b"jls"])
@@ -246,7 +250,8 @@ def test_outcomes_given_by_the_stages_are_recorded_and_invalid_ones_fail_their_j
     queue, spool = store
 
     class Contract(Recorder):
-        def prepare(self, job: Job, data: bytes) -> Any:
+        def prepare(self, job: Job, data: Buffer) -> Any:
+            data = bytes(data)  # the worker hands over a view of the spooled file
             if data == b"all-zero":
                 return JobOutcome(job.id, JobState.FAILED, reason="AllZeroDecodeError: decoder returned zeros")
             if data == b"not-final":
@@ -307,7 +312,8 @@ def test_the_next_batch_is_decoded_while_the_model_runs(store: tuple[JobQueue, S
     prepared_during_model: list[bytes] = []
 
     class Gated(Recorder):
-        def prepare(self, job: Job, data: bytes) -> Any:
+        def prepare(self, job: Job, data: Buffer) -> Any:
+            data = bytes(data)  # the worker hands over a view of the spooled file
             if model_running.is_set() and not release_model.is_set():
                 prepared_during_model.append(data)
                 release_model.set()
@@ -393,7 +399,8 @@ def test_jobs_claimed_ahead_do_not_count_an_attempt_until_their_preparation_star
     gate = threading.Event()
 
     class Stuck(Recorder):
-        def prepare(self, job: Job, data: bytes) -> Any:
+        def prepare(self, job: Job, data: Buffer) -> Any:
+            data = bytes(data)  # the worker hands over a view of the spooled file
             gate.wait(10)  # the one decode thread is stuck on the first job
             return super().prepare(job, data)
 

@@ -5,10 +5,10 @@ downsampled by ``2**r`` and can be decoded without the code-blocks of the finer 
 radiograph needed at about 500 pixels costs a sixteenth of a full decode. pylibjpeg-openjpeg (pydicom's
 decoder) always decodes level 0; glymur exposes OpenJPEG's ``reduce`` and is the maintained library for it.
 
-glymur reads files, not buffers, so the frame's codestream is written to a temporary file first (a few
-milliseconds for a few MB, no fsync). Anything unusual (no libopenjp2, more than one component, a signedness
-or precision that disagrees with the DICOM header, a decoder error) returns ``None`` and the caller decodes in
-full through pydicom, which knows every correction that DICOM's JPEG 2000 files need.
+glymur reads files, not buffers, so the frame's codestream is written to a temporary file first, straight from
+its fragments (a few milliseconds for a few MB, no fsync). Anything unusual (no libopenjp2, more than one
+component, a signedness or precision that disagrees with the DICOM header, a decoder error) returns ``None`` and
+the caller decodes in full through pydicom, which knows every correction that DICOM's JPEG 2000 files need.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from typing_extensions import Buffer
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_glymur: object | None = None
+_glymur: Any = None
 _available: bool | None = None
 
 
@@ -42,9 +45,10 @@ class CodestreamHeader:
     levels: int  # decomposition levels of the component (the smallest, if a COC lowers it)
 
 
-def parse_header(codestream: bytes) -> CodestreamHeader | None:
+def parse_header(codestream: Buffer) -> CodestreamHeader | None:
     """The SIZ and COD/COC facts of a codestream's main header, or None when they are not all there."""
-    if codestream[:4] != b"\xff\x4f\xff\x51":
+    codestream = memoryview(codestream).cast("B")
+    if bytes(codestream[:4]) != b"\xff\x4f\xff\x51":
         return None
     pos = 2
     size: tuple[int, int, int, int, bool] | None = None
@@ -113,16 +117,20 @@ def available() -> bool:
 
 
 def decode_reduced(
-    codestream: bytes, level: int, *, signed: bool, bits_stored: int, bits_allocated: int
+    codestream: Buffer | Sequence[Buffer], level: int, *, signed: bool, bits_stored: int, bits_allocated: int
 ) -> np.ndarray | None:
     """Resolution level ``level`` of a single-component codestream as a 2-D array, or None (decode in full).
+
+    ``codestream``: its bytes, or its parts in order (the fragments of a frame, PS3.5 A.4), written out as they
+    are; the main header must lie in the first part.
 
     ``signed``, ``bits_stored`` and ``bits_allocated`` come from the DICOM header. A codestream whose
     signedness disagrees, or a signed one whose precision differs from Bits Stored, needs the corrections
     pydicom applies (PS3.5 8.2.4 notes), so it is left to the full decode. An unsigned codestream with a
     precision above Bits Stored (encoders that write 16 for 12-bit data) holds the same values.
     """
-    header = parse_header(codestream)
+    parts: Sequence[Buffer] = codestream if isinstance(codestream, list | tuple) else [codestream]  # type: ignore[list-item]
+    header = parse_header(parts[0]) if parts else None
     if header is None or header.components != 1 or not 1 <= level <= header.levels:
         return None
     if header.signed != signed or header.precision > bits_allocated:
@@ -135,10 +143,10 @@ def decode_reduced(
     fd, path = tempfile.mkstemp(suffix=".j2k", prefix="cxr-lens-")
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(codestream)
+            out.writelines(parts)
         # No warnings.catch_warnings here: it changes the filters of the whole process, not of this thread.
         step = 2**level
-        array = glymur.Jp2k(path)[::step, ::step]  # type: ignore[attr-defined]
+        array = glymur.Jp2k(path)[::step, ::step]
     except Exception as exc:  # noqa: BLE001 (any failure here only means "decode in full")
         logger.debug("reduced JPEG 2000 decode failed (%s); decoding in full", type(exc).__name__)
         return None

@@ -5,22 +5,25 @@ Slope/Intercept or Modality LUT Sequence, C.11.1) → VOI LUT (the first VOI LUT
 Window Center/Width pair with its VOI LUT Function, C.11.2) → MONOCHROME1 inversion (C.7.6.3.1.2: the minimum
 value is displayed white). Every check that can be made from the header runs before any decode, so a hostile
 header (a 65535x65535 image with a few bytes of data) fails with a named error instead of a MemoryError.
+
+The Pixel Data value may come apart from the header (``pixel_data=``: a view of a spooled file, see
+:mod:`dicom_node.imaging.instance`); it is then read where it lies. Native little-endian pixels are viewed, not
+copied, before they are reduced; a window runs as a lookup table over the stored values.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.uid import (
     HTJ2K,
@@ -51,6 +54,9 @@ from dicom_node.errors import (
     MultiFrameError,
 )
 from dicom_node.imaging import j2k
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,11 @@ _JPEG_SYNTAXES = frozenset(
 )
 # Start-of-frame markers of ITU-T T.81 B.1.1.3 (not DHT C4, JPG C8, DAC CC) and SOF55 of JPEG-LS (T.87).
 _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+# Native little-endian pixels that are read in place (PS3.5 8.1.1): anything else goes through pydicom.
+_NATIVE_LITTLE_ENDIAN = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_CODESTREAM_HEADER_SEARCH = 4096  # bytes of a first fragment searched for the JPEG 2000 main header first
+# Encapsulated Pixel Data items, PS3.5 A.4: Item (FFFE,E000) and Sequence Delimitation Item (FFFE,E0DD).
+_ITEM, _SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
 @dataclass(frozen=True)
@@ -106,15 +117,17 @@ class DisplayImage:
     decode: str = "full"  # or e.g. "JPEG 2000 resolution level 2 of 5": how the stored values were obtained
 
 
-def check_renderable(ds: Dataset, *, max_pixels: int) -> None:
+def check_renderable(ds: Dataset, *, max_pixels: int, pixel_data: Buffer | None = None) -> None:
     """Raise a :class:`~dicom_node.errors.PixelError` unless ``ds`` can be rendered; reads the header only.
 
     Checks Pixel Data (7FE0,0010) is present, Samples per Pixel 1 and Photometric Interpretation MONOCHROME1/2
     (PS3.3 C.7.6.3.1.2), one frame (C.7.6.6), 0 < RowsxColumns ≤ ``max_pixels``, a supported transfer syntax
     with its decoder installed, and that a JPEG/JPEG-LS/JPEG 2000 codestream declares the same size as the
-    header (a small header over a huge codestream would otherwise be decoded in full).
+    header (a small header over a huge codestream would otherwise be decoded in full). ``pixel_data``: the
+    Pixel Data value when ``ds`` holds only the header.
     """
-    if "PixelData" not in ds or ds["PixelData"].is_empty:
+    view = _pixel_view(ds, pixel_data)
+    if view is None or not len(view):
         raise MissingPixelDataError("the dataset has no (7FE0,0010) Pixel Data")
 
     samples = _required_int(ds, "SamplesPerPixel")
@@ -141,7 +154,7 @@ def check_renderable(ds: Dataset, *, max_pixels: int) -> None:
         raise DecodeError(f"no decoder installed for {transfer_syntax} ({transfer_syntax.name}): {missing}")
 
     if transfer_syntax.is_encapsulated:
-        shape = _codestream_shape(_first_fragment(ds), transfer_syntax)
+        shape = _codestream_shape(_first_fragment(view), transfer_syntax)
         if shape is not None:
             _check_size(shape[0] or rows, shape[1], max_pixels, "the codestream")
             if shape[1] != columns or shape[0] not in (0, rows):
@@ -157,6 +170,7 @@ def render_display(
     max_long_side: int | None = None,
     min_shape: tuple[int, int] = (0, 0),
     reduced_decode: bool = True,
+    pixel_data: Buffer | None = None,
 ) -> DisplayImage:
     """Decode ``ds`` and return it as a viewer shows it (PS3.3 C.11: Modality LUT, VOI, MONOCHROME1 inversion).
 
@@ -167,26 +181,29 @@ def render_display(
 
     With ``max_long_side`` the image is rendered at the source size capped at that long side (never enlarged
     beyond the source): the stored values are resized first (cv2 INTER_AREA), then the LUTs run on the small
-    array, as a viewer that minifies before windowing does. JPEG 2000 and HTJ2K are then decoded only to the coarsest resolution level that gives at
-    least ``min_shape`` (rows, columns) and comes within sqrt(2) of ``max_long_side`` (see
-    :func:`dicom_node.imaging.j2k.choose_level`), unless ``reduced_decode`` is False; everything else, and any
-    codestream the reduced path declines, is decoded in full first.
+    array, as a viewer that minifies before windowing does. JPEG 2000 and HTJ2K are then decoded only to the
+    coarsest resolution level that gives at least ``min_shape`` (rows, columns) and comes within sqrt(2) of
+    ``max_long_side`` (see :func:`dicom_node.imaging.j2k.choose_level`), unless ``reduced_decode`` is False;
+    everything else, and any codestream the reduced path declines, is decoded in full first.
+
+    ``pixel_data``: the Pixel Data value when ``ds`` holds only the header (read where it lies, not copied).
     """
-    check_renderable(ds, max_pixels=max_pixels)
+    check_renderable(ds, max_pixels=max_pixels, pixel_data=pixel_data)
+    view = _pixel_view(ds, pixel_data)
+    assert view is not None  # check_renderable says so
     photometric = str(ds.PhotometricInterpretation).strip()
     stored, how = None, "full"
     if max_long_side is not None and reduced_decode:
-        stored, how = _decode_reduced(ds, max_long_side, min_shape)
+        stored, how = _decode_reduced(ds, view, max_long_side, min_shape)
     if stored is None:
-        stored = _decode(ds)
+        stored = _decode(ds, view)
     if not stored.any():
         raise AllZeroDecodeError(
             f"decoding {_transfer_syntax(ds).name} produced only zeros (a known codec failure mode)"
         )
     if max_long_side is not None:
         stored = _resize_stored(stored, _target_shape(ds, max_long_side))
-    values = _modality_values(stored, ds)
-    display, voi = _apply_voi(values, ds)
+    display, voi = _stored_to_display(stored, ds)
     if photometric == "MONOCHROME1":
         display = DISPLAY_MAX - display
     display.setflags(write=False)
@@ -194,19 +211,19 @@ def render_display(
     return DisplayImage(pixels=display, source_shape=source_shape, photometric=photometric, voi=voi, decode=how)
 
 
-def _decode_reduced(ds: Dataset, max_long_side: int, min_shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+def _decode_reduced(
+    ds: Dataset, view: memoryview, max_long_side: int, min_shape: tuple[int, int]
+) -> tuple[np.ndarray | None, str]:
     """A JPEG 2000 / HTJ2K frame at a coarser resolution level, or (None, "full") to decode in full."""
     if _transfer_syntax(ds) not in _J2K_SYNTAXES:
         return None, "full"
-    codestream = _first_fragment(ds)
-    header = j2k.parse_header(codestream)
+    header = j2k.parse_header(_first_fragment(view))
     if header is None:
         return None, "full"
     level = j2k.choose_level(header, max_long_side, min_shape)
     if level == 0:
         return None, "full"
-    if len(list(itertools.islice(generate_fragments(ds.PixelData), 3))) > 2:
-        codestream = b"".join(itertools.islice(generate_fragments(ds.PixelData), 1, None))  # one frame: all
+    codestream = _fragments(view)[1:]  # one frame: every fragment after the Basic Offset Table
     stored = j2k.decode_reduced(
         codestream, level, signed=int(ds.get("PixelRepresentation") or 0) == 1, bits_stored=int(ds.BitsStored),
         bits_allocated=int(ds.BitsAllocated),
@@ -338,25 +355,62 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return UID(str(value))
 
 
-def _first_fragment(ds: Dataset) -> bytes:
-    """The first fragment of encapsulated Pixel Data (PS3.5 A.4), skipping the Basic Offset Table item."""
-    try:
-        items = list(itertools.islice(generate_fragments(ds.PixelData), 2))
-    except (ValueError, struct.error) as exc:
-        raise DecodeError(f"the encapsulated Pixel Data is malformed: {exc}") from exc
-    if len(items) < 2 or not items[1]:
+def _pixel_view(ds: Dataset, pixel_data: Buffer | None) -> memoryview | None:
+    """The Pixel Data value as bytes in place: ``pixel_data`` when given, else the dataset's own (no copy)."""
+    if pixel_data is not None:
+        return memoryview(pixel_data).cast("B")
+    if "PixelData" not in ds or ds["PixelData"].is_empty:
+        return None
+    return memoryview(ds.PixelData).cast("B")
+
+
+def _items(view: memoryview) -> Iterator[memoryview]:
+    """The items of encapsulated Pixel Data (PS3.5 A.4), Basic Offset Table first, as views; a cut last item is
+    returned as far as it goes. Raises DecodeError on anything but items before the sequence delimiter."""
+    pos = 0
+    while pos + 8 <= len(view):
+        group, element, length = struct.unpack_from("<HHI", view, pos)
+        if (group, element) == _SEQUENCE_DELIMITER:
+            return
+        if (group, element) != _ITEM:
+            raise DecodeError(
+                f"the encapsulated Pixel Data is malformed: tag ({group:04X},{element:04X}) where an item belongs"
+            )
+        if length == 0xFFFFFFFF:
+            raise DecodeError("the encapsulated Pixel Data is malformed: an item of undefined length")
+        yield view[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+
+
+def _fragments(view: memoryview) -> list[memoryview]:
+    return list(_items(view))
+
+
+def _first_fragment(pixels: memoryview | Dataset) -> memoryview:
+    """The first fragment of encapsulated Pixel Data (PS3.5 A.4; the value, or a dataset holding it), skipping the
+    Basic Offset Table item."""
+    view = pixels if isinstance(pixels, memoryview) else _pixel_view(pixels, None)
+    if view is None:
+        raise MissingPixelDataError("the dataset has no (7FE0,0010) Pixel Data")
+    items = _items(view)
+    next(items, None)
+    fragment = next(items, None)
+    if fragment is None or not len(fragment):
         raise DecodeError("the encapsulated Pixel Data has no fragment after the Basic Offset Table")
-    return items[1]
+    return fragment
 
 
-def _codestream_shape(fragment: bytes, transfer_syntax: UID) -> tuple[int, int] | None:
+def _codestream_shape(fragment: memoryview | bytes, transfer_syntax: UID) -> tuple[int, int] | None:
     """(rows, columns) a codestream declares, or None when its header is not in ``fragment``.
 
     JPEG 2000: the SIZ segment after SOC (ISO 15444-1 A.5.1); rows may not be 0 there. JPEG and JPEG-LS: the
     first SOF segment (ITU-T T.81 B.2.2, T.87); rows 0 means "defined later by a DNL marker".
     """
     if transfer_syntax in _J2K_SYNTAXES:
-        start = fragment.find(b"\xff\x4f\xff\x51")
+        # SOC and SIZ open a codestream (ISO 15444-1 A.4.1, A.5.1): looked for at the start before anywhere else.
+        start = bytes(fragment[:_CODESTREAM_HEADER_SEARCH]).find(b"\xff\x4f\xff\x51")
+        if start < 0 and len(fragment) > _CODESTREAM_HEADER_SEARCH:
+            start = bytes(fragment).find(b"\xff\x4f\xff\x51")
         if start < 0 or len(fragment) < start + 24:
             return None
         x_size, y_size, x_offset, y_offset = struct.unpack_from(">IIII", fragment, start + 8)
@@ -379,10 +433,42 @@ def _codestream_shape(fragment: bytes, transfer_syntax: UID) -> tuple[int, int] 
     return None
 
 
-def _decode(ds: Dataset) -> np.ndarray:
+def _native_stored(ds: Dataset, view: memoryview) -> np.ndarray | None:
+    """Native little-endian pixels of one sample, 8 or 16 bits, as an array over ``view`` (no copy unless bits
+    above Bits Stored are set and must be masked off), or None for pydicom to decode (other layouts, and signed
+    values whose sign bit is not the top bit: those need pydicom's sign extension)."""
+    if _transfer_syntax(ds) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored") or ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    if bits_allocated not in (8, 16) or not 0 < bits_stored <= bits_allocated:
+        return None
+    if signed and bits_stored != bits_allocated:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+    expected = rows * columns * dtype.itemsize
+    if len(view) < expected:
+        raise DecodeError(
+            f"the Pixel Data holds {len(view)} bytes, less than expected for {rows}x{columns} pixels of "
+            f"{bits_allocated} bits ({expected} bytes)"
+        )
+    stored = np.frombuffer(view, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    if bits_stored < bits_allocated and int(stored.max()) >> bits_stored:
+        stored = stored & dtype.type((1 << bits_stored) - 1)  # PS3.5 8.1.1: bits above Bits Stored are not the value
+    return stored
+
+
+def _decode(ds: Dataset, view: memoryview) -> np.ndarray:
     """The stored values as a 2-D array; codec failures become DecodeError. pydicom's function form does not
     cache the array on the dataset, unlike ``Dataset.pixel_array``."""
     transfer_syntax = _transfer_syntax(ds)
+    native = _native_stored(ds, view)
+    if native is not None:
+        return native
+    if "PixelData" not in ds:  # a header read apart from its pixels: pydicom decodes from a dataset that has them
+        ds = ds.copy()
+        ds["PixelData"] = DataElement(0x7FE00010, "OB" if transfer_syntax.is_encapsulated else "OW", bytes(view))
     try:
         stored = pixel_array(ds)
     except MemoryError:
@@ -393,6 +479,24 @@ def _decode(ds: Dataset) -> np.ndarray:
     if stored.shape != expected:
         raise DecodeError(f"decoded array has shape {stored.shape}, the header says {expected}")
     return stored
+
+
+def _stored_to_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Modality LUT then VOI (before any MONOCHROME1 inversion).
+
+    Integer stored values under a window take a lookup table built over the range they span (at most 65,536
+    entries), element for element the same as transforming every pixel, at a fraction of the cost.
+    """
+    window = not ds.get("VOILUTSequence") and ds.get("WindowCenter") not in (None, "") and ds.get(
+        "WindowWidth") not in (None, "")
+    if window and stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2 and stored.size > 1:
+        low, high = int(stored.min()), int(stored.max())
+        domain = np.arange(low, high + 1, dtype=np.int64 if stored.dtype.kind == "i" else stored.dtype)
+        lut, voi = _apply_voi(_modality_values(domain, ds), ds)
+        if voi.startswith("window"):  # an invalid window falls back to percentiles of the image, not of the table
+            index = stored if low == 0 else stored.astype(np.int32) - low
+            return lut[index], voi
+    return _apply_voi(_modality_values(stored, ds), ds)
 
 
 def _modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import pydicom
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
 from dicom_node.errors import CxrLensError, ModelError
 from dicom_node.imaging import pixels
+from dicom_node.imaging.instance import Instance, read_file
 from dicom_node.outputs.oru import build_oru, new_message_control_id
 from dicom_node.outputs.parametric_map import build_parametric_map
 from dicom_node.outputs.results import (
@@ -41,6 +41,8 @@ from dicom_node.settings import Settings
 from dicom_node.storage.jobs import Job, JobState
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -139,8 +141,12 @@ class Processor:
 
         warm_up(self.model, batch_size, method=self.settings.explain.method, should_stop=should_stop)
 
-    def prepare(self, source: Dataset) -> Prepared | NotEligible | Failed:
-        """Eligibility, then viewer rendering and model input. Pure CPU work; safe to run on a thread pool."""
+    def prepare(self, source: Dataset, pixel_data: Buffer | None = None) -> Prepared | NotEligible | Failed:
+        """Eligibility, then viewer rendering and model input. Pure CPU work; safe to run on a thread pool.
+
+        ``pixel_data``: the Pixel Data value when ``source`` holds only the header (a spooled instance read in
+        place, see :func:`dicom_node.imaging.instance.read_file`); ``source`` is then what the outputs copy from.
+        """
         verdict = evaluate(source, self.rules)
         if not verdict.eligible:
             return NotEligible(verdict.rule or "", verdict.reason)
@@ -151,7 +157,7 @@ class Processor:
             # below the model's input size.
             display = pixels.render_display(
                 source, max_pixels=cfg.max_pixels, max_long_side=cfg.overlay_max_long_side,
-                min_shape=self.model.input_size, reduced_decode=cfg.reduced_decode,
+                min_shape=self.model.input_size, reduced_decode=cfg.reduced_decode, pixel_data=pixel_data,
             )
         except CxrLensError as exc:
             return Failed(f"{type(exc).__name__}: {exc}")
@@ -276,9 +282,10 @@ def _part10_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _parse_spooled(data: bytes) -> Dataset | Failed:
+def _parse_spooled(data: Buffer) -> Instance | Failed:
+    """The spooled file's header and a view of its Pixel Data (not copied)."""
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        return read_file(data)
     except Exception as exc:  # boundary: a spooled file that no longer parses fails its job
         return Failed(f"spooled instance does not parse ({type(exc).__name__})")
 
@@ -315,9 +322,10 @@ class ProcessorStages:
         self.dicom_sender = dicom_sender
         self.hl7_sender = hl7_sender
 
-    def prepare(self, job: Job, data: bytes) -> Prepared | JobOutcome:
-        ds = _parse_spooled(data)
-        item = self.processor.prepare(ds) if isinstance(ds, Dataset) else ds
+    def prepare(self, job: Job, data: Buffer) -> Prepared | JobOutcome:
+        instance = _parse_spooled(data)
+        item = (self.processor.prepare(instance.header, instance.pixel_data) if isinstance(instance, Instance)
+                else instance)
         if isinstance(item, Prepared):
             return item
         return enqueue_outputs(job.id, item, self.dicom_sender, self.hl7_sender)

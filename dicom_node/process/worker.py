@@ -28,6 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from typing_extensions import Buffer
+
 from dicom_node.errors import CxrLensError
 from dicom_node.ops.metrics import Metrics
 from dicom_node.storage.jobs import Job, JobQueue, JobState
@@ -51,8 +53,9 @@ class JobOutcome:
 class Stages(Protocol):
     """What the worker runs. ``prepare`` and ``finish`` run on pools, ``infer`` on one thread."""
 
-    def prepare(self, job: Job, data: bytes) -> Any:
-        """Parse and render one job; return the item for ``infer``, or a final :class:`JobOutcome`."""
+    def prepare(self, job: Job, data: Buffer) -> Any:
+        """Parse and render one job from its spooled bytes (a read-only view of the file mapped in memory: keep no
+        reference to it); return the item for ``infer``, or a final :class:`JobOutcome`."""
 
     def infer(self, items: Sequence[Any]) -> Sequence[Any]:
         """Run the model once on the batch; one result per item, in order."""
@@ -257,7 +260,9 @@ class Worker:
         started = time.perf_counter()
         try:
             self._queue.begin_attempt(job.id)
-            item = self.stages.prepare(job, self._spool.read(job.spool_key))
+            with self._spool.mapped(job.spool_key) as data:
+                item = self.stages.prepare(job, data)
+            self._spool.evict(job.spool_key)
             return _checked(job, item) if isinstance(item, JobOutcome) else item
         except Exception as exc:  # noqa: BLE001 (one image's failure must not take the batch down)
             return self._failed("prepare", [job], exc)[0]

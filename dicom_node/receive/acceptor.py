@@ -276,6 +276,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.policy.refuse(Refusal.NETWORK, host, "source address not in node.allowed_networks; disconnected")
         return False
 
+    def service_actions(self) -> None:
+        """socketserver's hook after each accept or poll: nothing to do.
+
+        pynetdicom's version forces a full ``gc.collect()`` every 60 calls to free ended association threads. In a
+        node that also holds a model, that collection walks every framework object while holding the GIL, and
+        C-STORE answers wait behind it; the interpreter's own collector frees those threads' cycles anyway.
+        """
+
     def shutdown(self) -> None:
         # pynetdicom's shutdown() also removes the server from AE._servers, where only AE.start_server() puts it.
         socketserver.BaseServer.shutdown(self)

@@ -5,6 +5,10 @@ for the answer (Orthanc: ``DicomScuTimeout`` 10 s), so the handler never renders
 header parses and its UIDs are UIDs, checks the queue bound and free disk, writes the received bytes as they
 came (no transcoding), records a job and answers. Statuses are those of the Storage Service Class, PS3.4 Annex
 B.2.3, and PS3.7 Annex C.
+
+The data set is read where pynetdicom assembled it: the header (everything before the Pixel Data) is parsed, and
+the spool file is written from the encoded file meta and that same buffer, so the pixels of a radiograph are
+never copied in this process.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from io import BytesIO
+from typing import cast
 
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
@@ -31,6 +39,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_node.imaging.instance import read_data_set
 from dicom_node.imaging.pixels import SUPPORTED_TRANSFER_SYNTAXES
 from dicom_node.ops.metrics import Metrics
 from dicom_node.receive.acceptor import (
@@ -132,13 +141,16 @@ def _invalid_uid(event: Event, ds: Dataset) -> str | None:
     return None
 
 
-def _parse_header(event: Event) -> tuple[Dataset, str | None]:
-    """Decode the received data set fully (pydicom defers parsing); raises on anything malformed.
+def _parse_header(event: Event, data_set: memoryview) -> tuple[Dataset, str | None]:
+    """Decode the received data set's header (everything before the Pixel Data) fully (pydicom defers parsing);
+    raises on anything malformed.
 
     Also returns :func:`_invalid_uid`'s verdict: a UID that could reach a file name or an output as a path
     (``../``), or make the Secondary Capture invalid, is refused with 0xC210 and a comment naming it.
     """
-    ds = event.dataset
+    syntax = event.context.transfer_syntax
+    ds = read_data_set(data_set, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian,
+                       deflated=syntax.is_deflated).header
     invalid_uid = _invalid_uid(event, ds)
     for _ in ds.iterall():
         pass
@@ -158,8 +170,9 @@ def handle_store(event: Event, deps: _StoreDeps) -> Dataset:
         LOG.warning("C-STORE from %s: SOP Class %s not supported", calling_ae, sop_class)
         return _answer(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, deps, started)
 
+    data_set = cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()  # as received, not copied
     try:
-        ds, invalid_uid = _parse_header(event)
+        ds, invalid_uid = _parse_header(event, data_set)
     except Exception as exc:  # noqa: BLE001 (any decoder failure is "cannot understand", answered, not raised)
         LOG.warning("C-STORE from %s: data set not parseable (%s)", calling_ae, type(exc).__name__)
         return _answer(StoreStatus.ERROR_CANNOT_UNDERSTAND, deps, started)
@@ -171,13 +184,14 @@ def handle_store(event: Event, deps: _StoreDeps) -> Dataset:
         return _answer(StoreStatus.ERROR_CANNOT_UNDERSTAND, deps, started, invalid_uid)
     instance = uid_hash(str(ds.SOPInstanceUID))
 
-    data = event.encoded_dataset(include_meta=True)  # as received: no decode/re-encode
+    # A Part 10 file (preamble, prefix, file meta) around the data set as received: no decode/re-encode, no copy.
+    data = (b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), data_set)
     try:
         if deps.max_queued_jobs is not None and (pending := deps.queue.pending_count()) >= deps.max_queued_jobs:
             LOG.warning("C-STORE from %s: refused, %d jobs pending (node.max_queued_jobs)", calling_ae, pending)
             return _answer(StoreStatus.REFUSED_OUT_OF_RESOURCES, deps, started, QUEUE_FULL_COMMENT)
         free = shutil.disk_usage(deps.spool.dir).free
-        if free - len(data) < deps.free_disk_floor_bytes:
+        if free - sum(len(part) for part in data) < deps.free_disk_floor_bytes:
             LOG.error(
                 "C-STORE from %s: refused, free disk %d MiB below floor %d MiB",
                 calling_ae, free >> 20, deps.free_disk_floor_bytes >> 20,
