@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+OBJECTS_PER_IMAGE = 3  # the default [outputs]: Secondary Capture, Parametric Map, Structured Report
 
 
 def _start_node(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -127,7 +128,8 @@ retry_max_s = 1.0
     try:
         _wait_echo(node_port, proc, log)
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and (len(pacs.received) < 3 or len(list(ris.out_dir.glob("*.hl7"))) < 3
+        while time.monotonic() < deadline and (len(pacs.received) < 3 * OBJECTS_PER_IMAGE
+                                               or len(list(ris.out_dir.glob("*.hl7"))) < 3
                                                or sum(_unfinished(spool))):
             time.sleep(0.3)
         time.sleep(1.0)  # anything sent twice would arrive now
@@ -140,8 +142,10 @@ retry_max_s = 1.0
         ris.stop()
     assert proc.returncode == 0
     sops = [r.sop_instance_uid for r in pacs.received]
-    assert len(sops) == 3 and len(set(sops)) == 3, f"SCs delivered: {sops}"
-    referenced = {pydicom.dcmread(r.path).SourceImageSequence[0].ReferencedSOPInstanceUID for r in pacs.received}
+    assert len(sops) == 3 * OBJECTS_PER_IMAGE and len(set(sops)) == len(sops), f"objects delivered: {sops}"
+    scs = [r for r in pacs.received if r.sop_class_uid == SecondaryCaptureImageStorage]
+    assert len(scs) == 3
+    referenced = {pydicom.dcmread(r.path).SourceImageSequence[0].ReferencedSOPInstanceUID for r in scs}
     assert referenced == {pydicom.dcmread(sample(n), stop_before_pixels=True).SOPInstanceUID for n in SOURCES}
     messages = sorted(ris.out_dir.glob("*.hl7"))
     assert len(messages) == 3, [m.name for m in messages]

@@ -683,11 +683,12 @@ def test_malformed_input(case: Case, under_test: NodeUnderTest, tmp_path: Path) 
     files = t.spool_files()  # complete, content-addressed instances only: no temporary leftovers
     assert len(files) == len(spooled) + 1 and all(p.suffix == ".dcm" and len(p.stem) == 64 for p in files), files
     if case.job == DONE:
-        assert wait_until(lambda: len(t.pacs.received) == sc_count + 1 and len(t.hl7_files()) == oru_count + 1)
-        sc = pydicom.dcmread(t.pacs.received[-1].path)
+        # The Secondary Capture, the Parametric Map and the Structured Report (the default [outputs]).
+        assert wait_until(lambda: len(t.pacs.received) == sc_count + 3 and len(t.hl7_files()) == oru_count + 1)
+        objects = [pydicom.dcmread(r.path) for r in t.pacs.received[-3:]]
         oru = t.hl7_files()[-1].read_bytes().decode("utf-8")
         if case.patient_name is not None:
-            assert sc.PatientName == case.patient_name
+            assert [ds.PatientName for ds in objects] == [case.patient_name] * 3
             family, given = case.patient_name.split("=")[0].split("^")
             assert f"|{family}^{given}|" in oru
     else:

@@ -22,7 +22,12 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
@@ -32,6 +37,9 @@ from dicom_node.peers.synthetic_cr import make_cr_dataset
 from dicom_node.settings import DestinationSettings, load_settings
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
+
+# What the node delivers per image with the default [outputs]: the SC, the Parametric Map and the SR.
+DICOM_OUTPUTS = (SecondaryCaptureImageStorage, ParametricMapStorage, Comprehensive3DSRStorage)
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_AE = "CXRLENS"
@@ -95,7 +103,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 120.0) -> bool:
 
 def outputs_and_leaks(ds: Dataset, pacs: DicomSink, hl7_dir: Path, log_text: str) -> list[str]:
     """Check the SC and the ORU carry what they must; return the identifying strings found in ``log_text``."""
-    (received,) = pacs.received
+    assert sorted(r.sop_class_uid for r in pacs.received) == sorted(DICOM_OUTPUTS)
+    (received,) = [r for r in pacs.received if r.sop_class_uid == SecondaryCaptureImageStorage]
     payloads = {
         "sc": received.path.read_bytes().decode("latin-1"),
         "oru": next(hl7_dir.glob("*.hl7")).read_bytes().decode("utf-8"),
@@ -127,9 +136,9 @@ def test_round_trip_logs_no_patient_data_in_process(tmp_path: Path, caplog: pyte
         with node:
             ds = source_image()
             assert c_store(node.scp_port, ds) == 0x0000
-            assert wait_until(lambda: len(pacs.received) == 1 and any(ris.out_dir.glob("*.hl7")))
+            assert wait_until(lambda: len(pacs.received) == len(DICOM_OUTPUTS) and any(ris.out_dir.glob("*.hl7")))
             assert wait_until(lambda: sum(node.dicom_sender.outbox.counts().get((ch, "done"), 0)
-                                          for ch in ("dicom", "hl7")) == 2)
+                                          for ch in ("dicom", "hl7")) == len(DICOM_OUTPUTS) + 1)
         node.dicom_sender.outbox.close()
     finally:
         pacs.stop()
@@ -175,7 +184,7 @@ port = {hl7_port}
     try:
         assert wait_until(lambda: _echo(node_port, proc), timeout=180), stderr_path.read_text(errors="replace")
         assert c_store(node_port, ds) == 0x0000
-        assert wait_until(lambda: len(pacs.received) == 1 and any(ris.out_dir.glob("*.hl7")))
+        assert wait_until(lambda: len(pacs.received) == len(DICOM_OUTPUTS) and any(ris.out_dir.glob("*.hl7")))
         delivered = (r"HL7 \S+ delivered to", r"SC \d+ .* delivered to")  # the senders' last words per item
         assert wait_until(lambda: all(re.search(p, stderr_path.read_text(errors="replace")) for p in delivered),
                           timeout=30)
