@@ -19,6 +19,9 @@ from pydicom import Dataset, config
 from pydicom.sequence import Sequence
 
 from dicom_node.outputs.oru import (
+    OBS_LUNG_SHARE,
+    OBS_TRUST_VERDICT,
+    TRUST_VERDICT_CODES,
     ORUBuildError,
     _text,
     build_oru,
@@ -30,6 +33,7 @@ from dicom_node.outputs.oru import (
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
     DEMO_LABEL,
+    TEST_LABEL,
     InferenceResult,
     OverlayRef,
 )
@@ -91,6 +95,20 @@ def make_result(is_demo: bool = False) -> InferenceResult:
         heatmap_max=0.8,
         no_evidence=False,
     )
+
+
+# Trust evidence as explain.trust.Evidence.as_dict() gives it.
+EVIDENCE_OK = {"lungs": 0.81, "body": 0.12, "outside_body": 0.02, "border": 0.03, "markers": 0.02,
+               "peak_region": "lungs", "verdict": "ok", "reasons": []}
+EVIDENCE_SUSPECT = {"lungs": 0.031, "body": 0.2, "outside_body": 0.029, "border": 0.1, "markers": 0.64,
+                    "peak_region": "markers", "verdict": "suspect",
+                    "reasons": ["evidence_on_marker", "evidence_outside_lungs"]}
+EVIDENCE_NO_LUNGS = {"lungs": 0.0, "body": 0.7, "outside_body": 0.1, "border": 0.2, "markers": 0.0,
+                     "peak_region": "body", "verdict": "no_lung_fields", "reasons": []}
+
+
+def with_evidence(evidence: dict[str, object] | None, **changes: object) -> InferenceResult:
+    return dataclasses.replace(make_result(), evidence=evidence, **changes)
 
 
 def make_overlay(png: bytes | None = None) -> OverlayRef:
@@ -362,6 +380,65 @@ def test_demo_model_is_labelled() -> None:
     notes = [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")]
     assert notes == [AI_DISCLAIMER, DEMO_LABEL]
     assert DEMO_LABEL not in build(result=make_result(is_demo=False))
+
+
+def test_test_model_is_labelled_like_the_demo_model() -> None:
+    msg = hl7.parse(build(result=with_evidence(None, model_id="cxr-lens-shortcut-test-cnn", is_test=True)))
+    assert msg.unescape(str(obx_by_code(msg, "AIFINDING")[5][0][1])) == f"focal_opacity ({TEST_LABEL})"
+    assert str(obx_by_code(msg, "AIMODEL")[5]) == f"cxr-lens-shortcut-test-cnn 1.0.0 ({TEST_LABEL})"
+    assert [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")] == [AI_DISCLAIMER, TEST_LABEL]
+    assert DEMO_LABEL not in str(msg)
+
+
+def test_trust_evidence_gives_the_lung_share_and_the_verdict() -> None:
+    msg = hl7.parse(build(result=with_evidence(EVIDENCE_OK)))
+    share, verdict = obx_by_code(msg, "lung_share"), obx_by_code(msg, "trust_verdict")
+    assert [str(share[2]), str(share[3]), str(share[5]), str(share[6][0][0]), str(share[11])] == [
+        "NM", "lung_share^Share of the explanation on the lung fields^99CXRL", "0.81", "1", "P"]
+    assert [str(verdict[2]), str(verdict[3]), str(verdict[5]), str(verdict[11])] == [
+        "CWE", "trust_verdict^Explanation trust verdict^99CXRL", "ok^Explanation on the lung fields^99CXRL", "P"]
+    # ok: no warning; the notes are those of a message without evidence.
+    assert [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")] == [AI_DISCLAIMER]
+    # They follow the probabilities; the other lines are those of a message without evidence, renumbered.
+    codes = [str(obx[3][0][0]) for obx in msg.segments("OBX")]
+    assert codes[1:5] == ["AIPROB.no_finding", "AIPROB.focal_opacity", "lung_share", "trust_verdict"]
+    plain = hl7.parse(build())
+    assert [str(obx).split("|", 2)[2] for obx in plain.segments("OBX")] == [
+        str(obx).split("|", 2)[2] for obx in msg.segments("OBX") if str(obx[3][0][0]) not in codes[3:5]]
+    assert "lung_share" not in str(plain) and "trust_verdict" not in str(plain)
+
+
+@pytest.mark.parametrize(
+    ("evidence", "verdict", "warning"),
+    [
+        (EVIDENCE_SUSPECT, "suspect^Explanation suspect^99CXRL",
+         "CHECK: evidence outside the lungs (markers 64%, lungs 3%)"),
+        (EVIDENCE_NO_LUNGS, "no_lung_fields^No lung fields found^99CXRL",
+         "CHECK: no lung fields found (not a frontal chest view?)"),
+    ],
+)
+def test_a_verdict_other_than_ok_adds_a_warning_note(evidence: dict[str, object], verdict: str, warning: str) -> None:
+    er7 = build(result=with_evidence(evidence, is_demo=True))
+    assert_valid_er7(er7)
+    msg = hl7.parse(er7)
+    assert str(obx_by_code(msg, "trust_verdict")[5]) == verdict
+    assert str(obx_by_code(msg, "lung_share")[5]) == _number_text(float(evidence["lungs"]))  # type: ignore[arg-type]
+    notes = [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")]
+    assert notes == [AI_DISCLAIMER, DEMO_LABEL, warning]
+    assert [str(nte[1]) for nte in msg.segments("NTE")] == ["1", "2", "3"]
+
+
+def test_trust_codes_are_those_of_the_structured_report() -> None:
+    # One meaning per code in the 99CXRL scheme, whichever message carries it.
+    from dicom_node.outputs import structured_report as sr
+
+    for ours, theirs in ((OBS_LUNG_SHARE, sr.LUNG_SHARE), (OBS_TRUST_VERDICT, sr.TRUST_VERDICT),
+                         *((TRUST_VERDICT_CODES[v], sr.TRUST_CODES[v]) for v in ("ok", "suspect", "no_lung_fields"))):
+        assert (ours.code, ours.text, ours.system) == (theirs.value, theirs.meaning, theirs.scheme_designator)
+
+
+def _number_text(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
 def test_image_is_sent_only_when_configured_and_present() -> None:
@@ -660,6 +737,15 @@ NAMED_CASES: dict[str, Callable[[], Inputs]] = {
         make_source(AccessionNumber=None, PlacerOrderNumberImagingServiceRequest="PL-1")
     ),
     "demo": lambda: inputs(result=make_result(is_demo=True)),
+    "test-model": lambda: inputs(result=with_evidence(EVIDENCE_SUSPECT, is_test=True)),
+    "trust-ok": lambda: inputs(result=with_evidence(EVIDENCE_OK)),
+    "trust-suspect-demo": lambda: inputs(result=with_evidence(EVIDENCE_SUSPECT, is_demo=True)),
+    "trust-no-lung-fields": lambda: inputs(result=with_evidence(EVIDENCE_NO_LUNGS)),
+    "trust-unknown-verdict": lambda: inputs(result=with_evidence(dict(EVIDENCE_OK, verdict="new|verdict"))),
+    "trust-border": lambda: inputs(
+        result=with_evidence(dict(EVIDENCE_OK, lungs=0.5, border=0.36, verdict="suspect",
+                                  reasons=["evidence_on_border"]), probabilities={})
+    ),
     "demo-without-image": lambda: inputs(
         result=make_result(is_demo=True), settings=HL7Settings(include_image=False)
     ),
@@ -791,6 +877,19 @@ def _random_uid(rng: random.Random) -> str:
     return "1.2." + ".".join(str(rng.randint(0, 99999)) for _ in range(rng.randint(1, 8)))
 
 
+def _random_evidence(rng: random.Random) -> dict[str, object] | None:
+    """None (trust off) or shares that sum to 1 with a verdict and reasons, as explain.trust gives them."""
+    if rng.random() < 0.3:
+        return None
+    weights = [rng.random() for _ in range(5)]
+    shares = dict(zip(("lungs", "body", "outside_body", "border", "markers"),
+                      (round(w / sum(weights), 3) for w in weights), strict=True))
+    reasons = [r for r in ("evidence_on_marker", "evidence_on_border", "evidence_outside_lungs") if rng.random() < 0.3]
+    verdict = rng.choice(["ok", "suspect", "no_lung_fields"]) if not reasons else rng.choice(["suspect",
+                                                                                                "no_lung_fields"])
+    return {**shares, "peak_region": "lungs", "verdict": verdict, "reasons": reasons}
+
+
 def random_inputs(rng: random.Random) -> Inputs:
     """A source with a random subset of the attributes the ORU reads, and random result, overlay, settings."""
     alphabet = _ASCII if rng.random() < 0.4 else _UNICODE
@@ -880,9 +979,12 @@ def random_inputs(rng: random.Random) -> Inputs:
 def test_randomised_sources_give_the_same_bytes_as_hl7apy_and_valid_messages() -> None:
     rng = random.Random(20240305)
     uid_rng = random.Random(9902)  # apart, so the other inputs are drawn as before
+    trust_rng = random.Random(1313)  # likewise
     non_ascii = blank = blank_obr4 = 0
     for _ in range(200):
-        source, result, overlay, settings, now = case = random_inputs(rng)
+        source, result, overlay, settings, now = random_inputs(rng)
+        result = dataclasses.replace(result, evidence=_random_evidence(trust_rng), is_test=trust_rng.random() < 0.2)
+        case = (source, result, overlay, settings, now)
         pm_uid, sr_uid = _random_uid(uid_rng), _random_uid(uid_rng)
         er7 = same_as_hl7apy(case, parametric_map_uid=pm_uid, structured_report_uid=sr_uid)
         non_ascii += not er7.isascii()
@@ -900,7 +1002,13 @@ def test_randomised_sources_give_the_same_bytes_as_hl7apy_and_valid_messages() -
         images = 1 if settings.include_image and overlay.png else 0
         sc_lines = 2 if overlay.sop_instance_uid else 0  # its series and SOP Instance UID
         others = sum(1 for uid in (pm_uid, sr_uid) if uid)
-        assert len(msg.segments("OBX")) == 4 + len(result.probabilities) + sc_lines + others + images
+        trust = 2 if result.evidence is not None else 0  # the lung share and the verdict
+        assert len(msg.segments("OBX")) == 4 + len(result.probabilities) + trust + sc_lines + others + images
+        warned = result.evidence is not None and result.evidence["verdict"] != "ok"
+        notes = [msg.unescape(str(nte[3])) for nte in msg.segments("NTE")]
+        assert notes[1:] == [label for label in ("DEMO MODEL" if result.is_demo else "TEST MODEL" if result.is_test
+                                                 else "", result.trust_warning) if label]
+        assert notes[-1].startswith("CHECK: ") == warned
         if images:
             assert base64.b64decode(str(obx_by_code(msg, "AIOVERLAY")[5][0][4])) == overlay.png
     assert 50 < non_ascii < 150 and blank > 5 and blank_obr4 < 10

@@ -25,7 +25,6 @@ from pydicom.valuerep import PersonName
 from dicom_node.errors import CxrLensError
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
-    DEMO_LABEL,
     InferenceResult,
     OverlayRef,
 )
@@ -71,6 +70,15 @@ OBS_SOP_INSTANCE = Code("", "SOP Instance UID", "")
 # The other DICOM objects of the result, in the same study, each named by its own code (HD, like the SC's).
 OBS_PARAMETRIC_MAP = Code("AIPMAP", "Parametric Map SOP Instance UID", LOCAL_CODING_SYSTEM)
 OBS_STRUCTURED_REPORT = Code("AISR", "Structured Report SOP Instance UID", LOCAL_CODING_SYSTEM)
+# Explanation trust (explain.trust): the share of the evidence on the lung fields (NM) and the verdict (CWE), with
+# the codes the Structured Report uses for the same concepts.
+OBS_LUNG_SHARE = Code("lung_share", "Share of the explanation on the lung fields", LOCAL_CODING_SYSTEM)
+OBS_TRUST_VERDICT = Code("trust_verdict", "Explanation trust verdict", LOCAL_CODING_SYSTEM)
+TRUST_VERDICT_CODES = {
+    "ok": Code("ok", "Explanation on the lung fields", LOCAL_CODING_SYSTEM),
+    "suspect": Code("suspect", "Explanation suspect", LOCAL_CODING_SYSTEM),
+    "no_lung_fields": Code("no_lung_fields", "No lung fields found", LOCAL_CODING_SYSTEM),
+}
 
 
 class ORUBuildError(CxrLensError):
@@ -399,17 +407,26 @@ def _order_segments(
     }
     segments.append(_segment("OBR", obr, required=(4,), composite=(2, 3, 4, 7, 22)))
 
-    # Order-level notes: they qualify the whole result, not one OBX (HL7 places them right after OBR).
-    notes = [AI_DISCLAIMER] + ([DEMO_LABEL] if result.is_demo else [])
+    # Order-level notes: they qualify the whole result, not one OBX (HL7 places them right after OBR); a trust
+    # warning too, since a finding made for the wrong reason is the whole result's problem.
+    notes = [AI_DISCLAIMER] + ([result.model_label] if result.model_label else [])
+    notes += [result.trust_warning] if result.trust_warning else []
     for i, text in enumerate(notes, start=1):
         segments.append(_segment("NTE", {1: str(i), 2: COMMENT_SOURCE, 3: _components(text)}))
 
-    finding_text = f"{result.label} ({DEMO_LABEL})" if result.is_demo else result.label
+    finding_text = f"{result.label} ({result.model_label})" if result.model_label else result.label
     observations = [("CWE", OBS_FINDING, _components(result.label, finding_text, LOCAL_CODING_SYSTEM), "")]
     units = _components(*UNITS_DIMENSIONLESS)
     for label, probability in result.probabilities.items():
         identifier = Code(f"AIPROB.{label}", f"Probability of {label}", LOCAL_CODING_SYSTEM)
         observations.append(("NM", identifier, _number(probability), units))
+    if result.evidence is not None:
+        verdict = str(result.evidence["verdict"])
+        value = TRUST_VERDICT_CODES.get(verdict) or Code(verdict, verdict, LOCAL_CODING_SYSTEM)
+        observations += [
+            ("NM", OBS_LUNG_SHARE, _number(float(result.evidence["lungs"])), units),
+            ("CWE", OBS_TRUST_VERDICT, _code(value), ""),
+        ]
     study_uid = overlay.study_instance_uid or _text(ds, "StudyInstanceUID")
     observations += [
         ("ST", OBS_METHOD, _components(result.method), ""),

@@ -24,6 +24,7 @@ from dicom_node.outputs.oru import (
     LOCAL_CODING_SYSTEM,
     MESSAGE_TYPE,
     OBS_FINDING,
+    OBS_LUNG_SHARE,
     OBS_METHOD,
     OBS_MODEL,
     OBS_OVERLAY,
@@ -32,10 +33,12 @@ from dicom_node.outputs.oru import (
     OBS_SOP_INSTANCE,
     OBS_STRUCTURED_REPORT,
     OBS_STUDY,
+    OBS_TRUST_VERDICT,
     ORDER_CONTROL,
     ORDER_STATUS,
     RESULT_STATUS,
     SEX_CODES,
+    TRUST_VERDICT_CODES,
     UNITS_DIMENSIONLESS,
     UTF8_CHARSET,
     Code,
@@ -55,7 +58,6 @@ from dicom_node.outputs.oru import (
 )
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
-    DEMO_LABEL,
     InferenceResult,
     OverlayRef,
 )
@@ -201,20 +203,29 @@ def _fill(
     _put(obr, "obr_25", RESULT_STATUS)
 
     # Order-level notes: they qualify the whole result, not one OBX (HL7 places them right after OBR).
-    notes = [AI_DISCLAIMER] + ([DEMO_LABEL] if result.is_demo else [])
+    notes = [AI_DISCLAIMER] + ([result.model_label] if result.model_label else [])
+    notes += [result.trust_warning] if result.trust_warning else []
     for i, text in enumerate(notes, start=1):
         nte = order.add_segment("NTE")
         _put(nte, "nte_1", str(i))
         _put(nte, "nte_2", COMMENT_SOURCE)
         _put(nte, "nte_3", _components(text))
 
-    finding_text = f"{result.label} ({DEMO_LABEL})" if result.is_demo else result.label
+    finding_text = f"{result.label} ({result.model_label})" if result.model_label else result.label
     set_id = 1
     _obx(order, set_id, "CWE", OBS_FINDING, _components(result.label, finding_text, LOCAL_CODING_SYSTEM))
     for label, probability in result.probabilities.items():
         set_id += 1
         identifier = Code(f"AIPROB.{label}", f"Probability of {label}", LOCAL_CODING_SYSTEM)
         _obx(order, set_id, "NM", identifier, _number(probability), _components(*UNITS_DIMENSIONLESS))
+    if result.evidence is not None:
+        verdict = str(result.evidence["verdict"])
+        set_id += 1
+        _obx(order, set_id, "NM", OBS_LUNG_SHARE, _number(float(result.evidence["lungs"])),
+             _components(*UNITS_DIMENSIONLESS))
+        set_id += 1
+        _obx(order, set_id, "CWE", OBS_TRUST_VERDICT,
+             _code(TRUST_VERDICT_CODES.get(verdict) or Code(verdict, verdict, LOCAL_CODING_SYSTEM)))
     set_id += 1
     _obx(order, set_id, "ST", OBS_METHOD, _components(result.method))
     set_id += 1
