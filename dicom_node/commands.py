@@ -21,8 +21,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dicom_node.outputs.oru import OBS_LUNG_SHARE, OBS_TRUST_VERDICT
 from dicom_node.outputs.parametric_map import PARAMETRIC_MAP_STORAGE
-from dicom_node.outputs.results import AI_DISCLAIMER, DEMO_LABEL
+from dicom_node.outputs.results import AI_DISCLAIMER, DEMO_LABEL, TEST_LABEL
 from dicom_node.outputs.secondary_capture import SC_IMAGE_STORAGE
 from dicom_node.outputs.structured_report import COMPREHENSIVE_3D_SR_STORAGE
 from dicom_node.process.processor import (
@@ -92,8 +93,10 @@ def result_record(source_name: str, outcome: Outcome) -> dict[str, Any]:
             explanation={"method": r.method, "heatmap_max": r.heatmap_max, "no_evidence": r.no_evidence},
             **objects,
             timings_ms=r.timings_ms,
-            disclaimer=AI_DISCLAIMER + (f" - {DEMO_LABEL}" if r.is_demo else ""),
+            disclaimer=AI_DISCLAIMER + (f" - {r.model_label}" if r.model_label else ""),
         )
+        if r.evidence is not None:
+            record["evidence"] = dict(r.evidence)
     return record
 
 
@@ -104,6 +107,10 @@ def write_outputs(directory: Path, source_name: str, outcome: Outcome) -> None:
             if (dataset := getattr(outcome, name)) is not None:
                 dataset.save_as(directory / file_name, enforce_file_format=True)
         (directory / "overlay.png").write_bytes(outcome.overlay_png)
+        if outcome.regions is not None:
+            # The anatomy regions' label image, single-channel 8-bit at the display size: 0 outside the body,
+            # 1 lung fields, 2 rest of the body, 3 border band, 4 markers.
+            (directory / "regions.png").write_bytes(encode_png(outcome.regions))
         (directory / "result.hl7").write_text(outcome.oru_message.replace("\r", "\n"), encoding="utf-8")
     record = result_record(source_name, outcome)
     (directory / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -124,12 +131,12 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
                   console=console, transient=True, disable=len(files) < 2) as progress:
         task = progress.add_task("explaining", total=len(files))
         for start in range(0, len(files), batch):
-            chunk = list(zip(files[start:start + batch], dirs[start:start + batch]))
+            chunk = list(zip(files[start:start + batch], dirs[start:start + batch], strict=True))
             read = [_read(f) for f, _ in chunk]
             datasets = [d for d in read if isinstance(d, Dataset)]
             processed = iter(processor.process(datasets) if datasets else [])
             outcomes = [next(processed) if isinstance(d, Dataset) else d for d in read]
-            for (f, d), outcome in zip(chunk, outcomes):
+            for (f, d), outcome in zip(chunk, outcomes, strict=True):
                 write_outputs(d, f.name, outcome)
                 rows.append((f, d, outcome))
                 progress.advance(task)
@@ -147,6 +154,9 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
     if settings.model.is_demo:
         console.print(f"[bold yellow]{DEMO_LABEL}[/]: trained on synthetic phantoms, demonstration only. "
                       f"{AI_DISCLAIMER}.")
+    elif settings.model.is_test_model:
+        console.print(f"[bold yellow]{TEST_LABEL}[/]: made to look at a burned-in marker, not the lungs, to test the "
+                      f"trust alarm. {AI_DISCLAIMER}.")
     failed = [(f, o) for f, _, o in rows if isinstance(o, Failed)]
     for f, o in failed:
         console.print(f"failed: {f}: {o.reason}")
@@ -289,3 +299,8 @@ def run_demo(settings: Settings, out: Path, *, timeout_s: float = 600.0) -> int:
     if "overlay.png" in files:
         print(f"overlay: {(out / 'overlay.png').resolve()}")
     return 0 if same_study else 1
+    share = next((f[5] for f in obx if len(f) > 5 and f[3].startswith(f"{OBS_LUNG_SHARE.code}^")), "")
+    verdict = next((f[5].split("^")[0] for f in obx if len(f) > 5 and f[3].startswith(f"{OBS_TRUST_VERDICT.code}^")),
+                   "")
+    if share:
+        print(f"demo: evidence in the lungs {100.0 * float(share):.0f}% (trust verdict {verdict})")

@@ -234,4 +234,4 @@ def compose(settings: Settings, processor: Processor | None = None, *, role: str
 
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
                 warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox), role=role,
-                stages=ProcessorStages(processor, dicom_sender, hl7_sender))
+                stages=ProcessorStages(processor, dicom_sender, hl7_sender, metrics))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from io import BytesIO
@@ -36,17 +37,25 @@ def explained(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     return main(["explain", *inputs, "--out", str(out / "out")]), out / "out"
 
 
+def _alert_rows(png: Path) -> int:
+    """Rows of the trust alert's red strip (explain.overlay) in an overlay PNG: from its first red row to its last."""
+    rgb = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
+    red = np.flatnonzero(np.all(rgb == np.array([200, 0, 0], np.uint8), axis=2).mean(axis=1) > 0.5)
+    return int(red.max() - red.min() + 1) if red.size else 0
+
+
 def _gray(png: Path) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY).astype(np.float32)
 
 
-def test_explain_writes_six_files_per_radiograph(explained: tuple[int, Path]) -> None:
+def test_explain_writes_seven_files_per_radiograph(explained: tuple[int, Path]) -> None:
     code, out = explained
     assert code == 1  # the broken input failed, and the exit status says so
     for name in RG1:
         d = out / Path(name).stem
         assert sorted(p.name for p in d.iterdir()) == [
-            "overlay.dcm", "overlay.png", "parametric_map.dcm", "result.hl7", "result.json", "structured_report.dcm"]
+            "overlay.dcm", "overlay.png", "parametric_map.dcm", "regions.png", "result.hl7", "result.json",
+            "structured_report.dcm"]
         result = json.loads((d / "result.json").read_text())
         assert result["status"] == "processed"
         assert result["label"] in ("no_finding", "focal_opacity")
@@ -71,6 +80,29 @@ def test_explain_writes_six_files_per_radiograph(explained: tuple[int, Path]) ->
             assert written.StudyInstanceUID == source.StudyInstanceUID
 
 
+def test_explain_reports_where_the_evidence_lies(explained: tuple[int, Path]) -> None:
+    _, out = explained
+    for name in RG1:
+        d = out / Path(name).stem
+        evidence = json.loads((d / "result.json").read_text())["evidence"]
+        shares = ("lungs", "body", "outside_body", "border", "markers")
+        assert list(evidence) == [*shares, "peak_region", "verdict", "reasons"]
+        assert sum(evidence[s] for s in shares) == pytest.approx(1.0, abs=1e-3)
+        assert evidence["verdict"] in ("ok", "suspect", "no_lung_fields")
+        # regions.png: one 8-bit channel at the display size (the overlay's width, its height without the legend).
+        regions = cv2.imread(str(d / "regions.png"), cv2.IMREAD_UNCHANGED)
+        overlay = cv2.imread(str(d / "overlay.png"))
+        assert regions.ndim == 2 and regions.dtype == np.uint8 and set(np.unique(regions)) <= {0, 1, 2, 3, 4}
+        assert regions.shape[1] == overlay.shape[1] and regions.shape[0] < overlay.shape[0]
+        # RG1 is a frontal chest: a lung field (label 1) on each side of the midline, a third of the image or so.
+        lungs = regions == 1
+        half = regions.shape[1] // 2
+        assert lungs[:, :half].mean() > 0.1 and lungs[:, half:].mean() > 0.1
+        message = hl7.parse((d / "result.hl7").read_text().replace("\n", "\r").strip())
+        share = next(obx for obx in message.segments("OBX") if str(obx[3][0][0]) == "lung_share")
+        assert float(str(share[5])) == pytest.approx(evidence["lungs"], abs=1e-3)
+
+
 def test_ineligible_and_broken_inputs_get_a_reason(explained: tuple[int, Path]) -> None:
     _, out = explained
     for stem, rule in (("RG3_UNCR", "body_part"), ("CT_small", "modality")):
@@ -83,10 +115,14 @@ def test_ineligible_and_broken_inputs_get_a_reason(explained: tuple[int, Path]) 
 
 def test_three_transfer_syntaxes_give_alike_overlays_with_dark_lungs(explained: tuple[int, Path]) -> None:
     _, out = explained
-    grays = [_gray(out / Path(n).stem / "overlay.png") for n in RG1]
-    assert grays[0].shape == grays[1].shape == grays[2].shape
-    # The source (1955x1841) capped at overlay_max_long_side 512, plus the legend band, whatever the syntax.
-    assert grays[0].shape[1] == 482 and grays[0].shape[0] > 512
+    overlays = [_gray(out / Path(n).stem / "overlay.png") for n in RG1]
+    # The source (1955x1841) capped at overlay_max_long_side 512, plus the legend band, whatever the syntax; an
+    # alert strip between them where the trust verdict is not ok (RG1's border share lies near max_border_share).
+    assert all(g.shape[1] == 482 and g.shape[0] > 512 for g in overlays)
+    band = overlays[0].shape[0] - 512 - _alert_rows(out / "RG1_UNCR" / "overlay.png")
+    for n, g in zip(RG1, overlays, strict=True):
+        assert g.shape[0] == 512 + band + _alert_rows(out / Path(n).stem / "overlay.png")
+    grays = [np.vstack([g[:512], g[-band:]]) for g in overlays]  # the picture and the legend band
     # UNCR is reduced from the full image, J2KR/J2KI decoded at resolution level 2 (a wavelet low-pass).
     assert np.abs(grays[0] - grays[1]).mean() < 3.0
     assert np.abs(grays[0] - grays[2]).mean() < 3.0
@@ -113,6 +149,8 @@ def test_explain_report_reads_back_with_its_references(explained: tuple[int, Pat
     report = hd.sr.srread(d / "structured_report.dcm")
     group = report.content.get_image_measurement_groups()[0]
     probabilities = {m.name.value: m.value for m in group.get_measurements()}
+    # Beside the probabilities, the trust evidence's share on the lung fields (result.json's evidence).
+    assert float(probabilities.pop("lung_share")) == pytest.approx(result["evidence"]["lungs"], abs=1e-6)
     assert probabilities == pytest.approx({k: v for k, v in result["probabilities"].items()}, abs=1e-6)
     assert group.finding_type.value == result["label"]
     referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -128,6 +166,9 @@ def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "same study as the radiograph" in printed and "DEMO MODEL" in printed
+    # The lung share the ORU carried, as the summary prints it.
+    shown = re.search(r"demo: evidence in the lungs (\d+)% \(trust verdict (ok|suspect|no_lung_fields)\)", printed)
+    assert shown is not None, printed
     study = pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).StudyInstanceUID
     oru = (tmp_path / "result.hl7").read_text()
     received = {}
@@ -139,6 +180,8 @@ def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert printed.count("same study as the radiograph") == 3
     assert (tmp_path / "overlay.png").stat().st_size > 10_000
     assert "OBX" in oru
+    share = next(line.split("|")[5] for line in oru.splitlines() if line.startswith("OBX|") and "|lung_share^" in line)
+    assert shown.group(1) == f"{100 * float(share):.0f}"
     if shutil.which("dciodvfy"):  # the objects that travelled over the network are judged too
         for file_name in received:
             assert dciodvfy_errors(tmp_path / file_name) == [], file_name

@@ -30,6 +30,8 @@ LOG = logging.getLogger(__name__)
 PREFIX = "cxr_lens"
 # Latencies from a C-STORE answer (milliseconds) up to an inference batch (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Shares of the evidence on the lung fields: finer below 0.2, where the trust alarm's min_lung_share (0.1) lies.
+_SHARE_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,24 @@ class Metrics:
             registry=self.registry,
             buckets=_BUCKETS,
         )
+        self.lung_share = Histogram(
+            f"{PREFIX}_evidence_lung_share",
+            "Share of each explanation's evidence on the lung fields (0-1)",
+            registry=self.registry,
+            buckets=_SHARE_BUCKETS,
+        )
+        self.trust_verdicts = counter(
+            "trust_verdicts",
+            "Explanation trust verdicts (ok, suspect, no_lung_fields), one per image, by verdict and its reasons "
+            "('+'-joined, empty for none)",
+            ("verdict", "reasons"),
+        )
+
+    def observe_evidence(self, evidence: Mapping[str, Any]) -> None:
+        """Count one image's trust evidence (``explain.trust.Evidence.as_dict()``): its lung share and verdict."""
+        self.lung_share.observe(float(evidence["lungs"]))
+        reasons = "+".join(str(reason) for reason in evidence.get("reasons") or ())
+        self.trust_verdicts.labels(verdict=str(evidence["verdict"]), reasons=reasons).inc()
 
     def delivery(self, channel: str) -> DeliveryCounters:
         """The sent/retries/parked counters of an outbox channel (``dicom``, ``hl7``); KeyError for others."""

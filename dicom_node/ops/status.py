@@ -6,11 +6,14 @@ and the reasons the node recorded, never patient data.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node.outputs.oru import OBS_TRUST_VERDICT, SEGMENT_SEPARATOR
 from dicom_node.settings import StorageSettings
 from dicom_node.storage.backend import (
     StorageNotFound,
@@ -20,13 +23,53 @@ from dicom_node.storage.backend import (
     redacted,
 )
 from dicom_node.storage.jobs import JobState
+from dicom_node.storage.outbox import outbox_path
 
 _CHANNELS = ("dicom", "hl7")
 _OUTBOX_STATES = ("pending", "done", "parked")
+# How many of the latest ORU messages the alarm rate is read from.
+RECENT_RESULTS = 200
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def recent_trust(spool_dir: Path | str, limit: int = RECENT_RESULTS) -> dict[str, Any]:
+    """The explanation trust verdicts of the latest ``limit`` ORU messages in the SQLite outbox (what HealthShare
+    was told, delivered or not) and their alarm rate: the share of the judged results whose verdict is not ``ok``.
+
+    Read-only, from the ``hl7`` channel: a node with ``[hl7]`` off keeps no ORU, and then nothing is counted.
+    """
+    path = outbox_path(spool_dir)
+    verdicts: Counter[str] = Counter()
+    messages = 0
+    if path.exists():
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT payload FROM outbox WHERE channel='hl7' ORDER BY id DESC LIMIT ?",
+                              (limit,)).fetchall()
+        finally:
+            db.close()
+        messages = len(rows)
+        for (payload,) in rows:
+            verdict = _trust_verdict(bytes(payload).decode("utf-8", errors="replace"))
+            if verdict:
+                verdicts[verdict] += 1
+    judged = sum(verdicts.values())
+    alarms = judged - verdicts["ok"]
+    return {"messages": messages, "judged": judged, "verdicts": dict(sorted(verdicts.items())),
+            "alarm_rate": round(alarms / judged, 4) if judged else None}
+
+
+def _trust_verdict(oru: str) -> str:
+    """OBX-5's code of the ORU's trust verdict line, "" when it has none (``[trust]`` off)."""
+    prefix = f"{OBS_TRUST_VERDICT.code}^"
+    for segment in oru.split(SEGMENT_SEPARATOR):
+        fields = segment.split("|")
+        if fields[0] == "OBX" and len(fields) > 5 and fields[3].startswith(prefix):
+            return fields[5].split("^")[0]
+    return ""
 
 
 def collect_status(
@@ -37,7 +80,8 @@ def collect_status(
     failures: int = 10,
     seen_within_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Queue depths by state, outbox counts, parked/retrying items with their last error, recent failures."""
+    """Queue depths by state, outbox counts, parked/retrying items with their last error, recent failures, and
+    the explanation trust alarm rate of the latest results (:func:`recent_trust`)."""
     # With PostgreSQL (``storage``), also the processes seen in the last ``seen_within_s`` seconds; a database
     # that cannot be reached raises StorageError.
     spool_dir = Path(spool_dir)
@@ -110,6 +154,8 @@ def collect_status(
              "seen_s_ago": round(max(0.0, now - n.seen_at), 1)}
             for n in seen
         ]
+    # Read from the SQLite outbox only: the PostgreSQL outbox has no query for the latest messages yet.
+    status["trust"] = None if shared else recent_trust(spool_dir)
     return status
 
 
@@ -137,6 +183,17 @@ def format_status(d: dict[str, Any]) -> str:
         lines.append(
             f"  #{p['id']} {p['channel']} -> {p['destination']}: {when}, {p['attempts']} attempt(s): {p['last_error']}"
         )
+    trust = d.get("trust")
+    lines += ["", f"Explanation trust (latest {RECENT_RESULTS} ORU messages)"]
+    if trust is None:
+        lines.append("  not read from a PostgreSQL outbox")
+    elif trust.get("judged"):
+        alarms = trust["judged"] - trust["verdicts"].get("ok", 0)
+        counts = ", ".join(f"{verdict} {n}" for verdict, n in trust["verdicts"].items())
+        lines.append(f"  alarm rate {100.0 * trust['alarm_rate']:.1f}%: {alarms} of {trust['judged']} results not ok "
+                     f"({counts})")
+    else:
+        lines.append(f"  no verdicts in {trust.get('messages', 0)} ORU message(s) ([hl7] or [trust] off, or none yet)")
     lines += ["", "Recent failed jobs"]
     if not d["recent_failures"]:
         lines.append("  none")

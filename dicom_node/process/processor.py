@@ -25,11 +25,13 @@ from pydicom.sr.coding import Code
 from dicom_node.errors import CxrLensError, ModelError
 from dicom_node.imaging import pixels
 from dicom_node.imaging.instance import Instance, read_file
+from dicom_node.ops.metrics import Metrics
 from dicom_node.outputs.oru import build_oru, new_message_control_id
 from dicom_node.outputs.parametric_map import build_parametric_map
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,
     DEMO_LABEL,
+    TEST_LABEL,
     InferenceResult,
     OverlayRef,
 )
@@ -43,6 +45,7 @@ from dicom_node.storage.jobs import Job, JobState
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from explain.trust import Evidence
     from models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class Processed:
     oru_key: str
     parametric_map: Dataset | None = None
     structured_report: Dataset | None = None
+    # The anatomy regions' label image (explain.regions: uint8 at the display size); None when [trust] is off.
+    regions: np.ndarray | None = None
+    heatmap: np.ndarray | None = None  # the map scaled to [0, 1] at the model's resolution (what the overlay shows)
     status: str = "processed"
 
     @property
@@ -113,12 +119,13 @@ def _ms(start: float) -> float:
 
 
 def encode_png(rgb: np.ndarray, max_long_side: int | None = None) -> bytes:
-    """PNG bytes of an RGB image, optionally downscaled so its long side is at most ``max_long_side``."""
+    """PNG bytes of an RGB image (or of a 2-D one, as single-channel PNG), optionally downscaled so its long side
+    is at most ``max_long_side``."""
     if max_long_side is not None and max(rgb.shape[:2]) > max_long_side:
         f = max_long_side / max(rgb.shape[:2])
         rgb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f))),
                          interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".png", rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise CxrLensError("PNG encoding failed")
     return buf.tobytes()
@@ -191,6 +198,28 @@ class Processor:
                 outcomes.append(Failed(f"{type(exc).__name__}: {exc}"))
         return outcomes
 
+    def judge(self, display: np.ndarray, heatmap: np.ndarray) -> tuple[Evidence, np.ndarray] | None:
+        """The trust evidence of ``heatmap`` (at the map's resolution) over the anatomy regions of ``display``
+        (explain.trust), and the regions' label image; None when ``[trust]`` is off."""
+        cfg = self.settings.trust
+        if not cfg.enabled:
+            return None
+        from explain.regions import anatomy_regions
+        from explain.trust import TrustThresholds, evidence
+
+        regions = anatomy_regions(display, border_fraction=cfg.border_fraction)
+        thresholds = TrustThresholds(max_marker_share=cfg.max_marker_share, max_border_share=cfg.max_border_share,
+                                     min_lung_share=cfg.min_lung_share)
+        return evidence(heatmap, regions, thresholds), regions.label_image()
+
+    def randomisation_check(self, items: Sequence[Prepared], class_index: Sequence[int]) -> tuple[float, int]:
+        """The model-randomisation sanity check (explain.sanity) on these items for these classes: the mean
+        Spearman correlation of the model's maps with a re-initialised copy's, and the number of pairs."""
+        from explain.sanity import randomisation_check
+
+        images = np.stack([p.model_input for p in items])
+        return randomisation_check(self.model, images, class_index, method=self.settings.explain.method)
+
     def build_outputs(self, item: Prepared, model_result: ModelResult) -> Processed:
         """Overlay, the DICOM objects ``[outputs]`` enables (Secondary Capture, Parametric Map, Structured Report)
         and the ORU for one image; raises :class:`ModelError` on a non-finite output."""
@@ -209,18 +238,26 @@ class Processor:
         label = model.labels[class_index]
         heat = normalise(explanation.heatmaps[b], no_evidence_threshold=cfg.no_evidence_threshold)
         timings = dict(item.timings_ms, explain=round(explain_ms, 2))
+        t = time.perf_counter()
+        # The normalised map has the raw map's shares, and is zero everywhere where the node reports no evidence.
+        judged = self.judge(item.display, heat.map)
+        evidence = judged[0].as_dict() if judged is not None else None
+        if judged is not None:
+            timings["trust"] = _ms(t)
         result = InferenceResult(
             label=label, class_index=class_index, probabilities=probs, method=explanation.method,
             model_id=model.model_id, model_version=model.version, is_demo=model.is_demo,
             heatmap_max=heat.raw_max, no_evidence=heat.no_evidence, timings_ms=timings,
+            is_test=self.settings.model.is_test_model, evidence=evidence,
         )
         t = time.perf_counter()
-        warnings = [AI_DISCLAIMER] + ([DEMO_LABEL + " - synthetic training data"] if model.is_demo else [])
-        overlay = compose_overlay(
-            item.display, heat,
-            lines=legend_lines(label, probs[label], result.method, result.model_text, no_evidence=heat.no_evidence),
-            warnings=warnings, colormap=cfg.colormap, alpha=cfg.alpha,
-        )
+        notes = {DEMO_LABEL: "synthetic training data", TEST_LABEL: "made to look at a marker, not the lungs"}
+        warnings = [AI_DISCLAIMER] + ([f"{result.model_label} - {notes[result.model_label]}"]
+                                      if result.model_label else [])
+        lines = legend_lines(label, probs[label], result.method, result.model_text, no_evidence=heat.no_evidence,
+                             lung_share=float(evidence["lungs"]) if evidence is not None else None)
+        overlay = compose_overlay(item.display, heat, lines=lines, warnings=warnings, colormap=cfg.colormap,
+                                  alpha=cfg.alpha, alerts=[result.trust_warning] if result.trust_warning else [])
         timings["overlay"] = _ms(t)
         enabled = self.settings.outputs
         sc = pm = sr = None
@@ -253,7 +290,9 @@ class Processor:
                         parametric_map_uid=str(pm.SOPInstanceUID) if pm is not None else "")
         timings["hl7"] = _ms(t)
         return Processed(result=result, secondary_capture=sc, overlay=overlay, oru_message=oru,
-                         oru_key=overlay_uids(item.source, result)[1], parametric_map=pm, structured_report=sr)
+                         oru_key=overlay_uids(item.source, result)[1], parametric_map=pm, structured_report=sr,
+                         regions=judged[1] if judged is not None else None, heatmap=heat.map)
+
 
 def load_processor(settings: Settings) -> Processor:
     """Load the model and rules named by ``settings`` (imports Keras and its backend, TensorFlow or JAX)."""
@@ -317,10 +356,13 @@ class ProcessorStages:
     own errors' messages as the reason.
     """
 
-    def __init__(self, processor: Processor, dicom_sender: Any, hl7_sender: Any | None) -> None:
+    def __init__(
+        self, processor: Processor, dicom_sender: Any, hl7_sender: Any | None, metrics: Metrics | None = None
+    ) -> None:
         self.processor = processor
         self.dicom_sender = dicom_sender
         self.hl7_sender = hl7_sender
+        self.metrics = metrics
 
     def prepare(self, job: Job, data: Buffer) -> Prepared | JobOutcome:
         instance = _parse_spooled(data)
@@ -335,4 +377,7 @@ class ProcessorStages:
 
     def finish(self, job: Job, item: Prepared, result: ModelResult) -> JobOutcome:
         outputs = self.processor.build_outputs(item, result)
-        return enqueue_outputs(job.id, outputs, self.dicom_sender, self.hl7_sender)
+        outcome = enqueue_outputs(job.id, outputs, self.dicom_sender, self.hl7_sender)
+        if self.metrics is not None and outputs.result.evidence is not None:
+            self.metrics.observe_evidence(outputs.result.evidence)
+        return outcome
