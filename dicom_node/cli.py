@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="explanation method (overrides explain.method)")
     p.add_argument("--model", help="model path (overrides model.path)")
 
+    p = sub.add_parser("audit", help="audit the model on a data set: where its explanations lie, verdict rates, "
+                       "a sanity check; DIR/report.html and DIR/audit.json")
+    _common(p)
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or directories")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+
     p = sub.add_parser("demo", help="the main job on embedded defaults, on a real sample chest radiograph")
     _common(p)
     p.add_argument("-o", "--out", type=Path, default=Path("demo-out"), help="output directory (default ./demo-out)")
@@ -103,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = [f"explain.method={args.method!r}"] if args.method else []
             extra += [f"model.path={args.model!r}"] if args.model else []
             return run_explain(_settings(args, extra), args.paths, args.out)
+        if args.command == "audit":
+            from dicom_node.commands import run_audit
+
+            return run_audit(_settings(args), args.paths, args.out)
         if args.command == "demo":
             from dicom_node.commands import run_demo
 

@@ -163,6 +163,48 @@ def run_explain(settings: Settings, paths: list[Path], out: Path, *, console: Co
     return 1 if failed else 0
 
 
+def run_audit(settings: Settings, paths: list[Path], out: Path, *, console: Console | None = None) -> int:
+    """Audit the model on a data set: ``out/report.html`` and ``out/audit.json``. Exit status 1 when no input
+    could be processed or any input failed (ineligible inputs are not failures)."""
+    from dicom_node.audit.collect import Audit
+    from dicom_node.audit.report import write_report
+    from dicom_node.audit.summary import summarise
+
+    console = console or Console(stderr=True)
+    files = _expand(paths)
+    if not files:
+        console.print("cxr-lens: no input files")
+        return 1
+    # The audit judges explanations: trust on whatever the file says, and none of the DICOM objects built.
+    settings = settings.model_copy(update={
+        "trust": settings.trust.model_copy(update={"enabled": True}),
+        "outputs": settings.outputs.model_copy(update={"secondary_capture": False, "parametric_map": False,
+                                                       "structured_report": False}),
+        "hl7": settings.hl7.model_copy(update={"include_image": False}),
+    })
+    audit = Audit(load_processor(settings))
+    batch = settings.worker.batch_size
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("auditing", total=len(files))
+        for start in range(0, len(files), batch):
+            chunk = files[start:start + batch]
+            audit.add([(f.name, _read(f)) for f in chunk])
+            progress.advance(task, len(chunk))
+        progress.update(task, description="sanity check")
+        findings = audit.finish()
+    thresholds = settings.trust.model_dump(exclude={"enabled"})
+    summary = summarise(findings, thresholds)
+    report = write_report(out, findings, summary, colormap=settings.explain.colormap)
+    images = summary["images"]
+    Console(file=sys.stdout, width=160).print(
+        f"cxr-lens audit: {images['processed']} processed, {images['not_eligible']} not eligible, "
+        f"{images['failed']} failed\n{summary['conclusion']}\nreport: {report.resolve()}", highlight=False)
+    for name, reason in findings.failed:
+        console.print(f"failed: {name}: {reason}")
+    return 1 if findings.failed or not findings.cases else 0
+
+
 def run_serve(settings: Settings, *, role: str = "all") -> int:
     """Run the node (the parts of ``role``) until SIGTERM or Ctrl-C; unfinished jobs and outbox items resume."""
     import signal
@@ -294,13 +336,13 @@ def run_demo(settings: Settings, out: Path, *, timeout_s: float = 600.0) -> int:
         print(f'demo: {dataset.SOPClassUID.name} received by the PACS sink: series "{dataset.SeriesDescription}", '
               f"{'same study as the radiograph' if same else 'WRONG STUDY'}")
     print(f"demo: ORU^R01 received and acknowledged by the MLLP sink: finding {finding}")
-    print(f"demo: {DEMO_LABEL if settings.model.is_demo else 'model ' + settings.model.id} - {AI_DISCLAIMER}")
-    print(f"demo: round trip {elapsed:.1f} s; outputs in {out.resolve()}: {', '.join([*files, 'result.hl7'])}")
-    if "overlay.png" in files:
-        print(f"overlay: {(out / 'overlay.png').resolve()}")
-    return 0 if same_study else 1
     share = next((f[5] for f in obx if len(f) > 5 and f[3].startswith(f"{OBS_LUNG_SHARE.code}^")), "")
     verdict = next((f[5].split("^")[0] for f in obx if len(f) > 5 and f[3].startswith(f"{OBS_TRUST_VERDICT.code}^")),
                    "")
     if share:
         print(f"demo: evidence in the lungs {100.0 * float(share):.0f}% (trust verdict {verdict})")
+    print(f"demo: {DEMO_LABEL if settings.model.is_demo else 'model ' + settings.model.id} - {AI_DISCLAIMER}")
+    print(f"demo: round trip {elapsed:.1f} s; outputs in {out.resolve()}: {', '.join([*files, 'result.hl7'])}")
+    if "overlay.png" in files:
+        print(f"overlay: {(out / 'overlay.png').resolve()}")
+    return 0 if same_study else 1

@@ -13,6 +13,8 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v DicomSRValidator >/dev/null 2>&1 || need+=(pixelmed-apps)
 # PostgreSQL's server (initdb, pg_ctl): the storage tests start a throw-away cluster on a free port.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+# A real headless browser for the audit report test (every embedded figure must load).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # OpenJPEG for glymur's reduced-resolution JPEG 2000 decoding (without it, images are decoded in full).
 ldconfig -p 2>/dev/null | grep -q 'libopenjp2\.so\.7' || need+=(libopenjp2-7)
 if [ ${#need[@]} -gt 0 ]; then
