@@ -3,10 +3,11 @@
 Starts a real node (the seed article's InceptionV3 architecture with random weights by default, saved to a
 temporary .keras file and loaded like any configured model) with a local DICOM sink as the PACS and a local MLLP
 receiver that ACKs the ORUs. In the same process it first times the bare forward pass of that model at the
-node's batch size (a compiled ``tf.function``, median). Then, for each transfer syntax of RG1 (UNCR, J2KR,
-J2KI), after a warm-up round, ``--senders`` associations push N copies with distinct UIDs as fast as the node
-answers, and it measures (the senders, the DICOM sink and the MLLP receiver each run in their own process,
-``bench.peers``, as they would on other machines; they still share this machine's cores):
+node's batch size (compiled on the node's Keras backend, ``explain.compiled_forward``, median). Then, for each
+transfer syntax of RG1 (UNCR, J2KR, J2KI), after a warm-up round, ``--senders`` associations push N copies with
+distinct UIDs as fast as the node answers, and it measures (the senders, the DICOM sink and the MLLP receiver
+each run in their own process, ``bench.peers``, as they would on other machines; they still share this machine's
+cores):
 
   end-to-end  from the first C-STORE to the last SC and ORU delivered, per image (the pipeline's fill and drain
               included: large N amortises them), and its ratio to the forward pass per image (targets: J2K
@@ -132,19 +133,18 @@ def _seed_model_settings(base: Settings, directory: Path) -> Settings:
 
 
 def _forward_ms(processor: Any, batch: int, repeats: int = 15) -> float:
-    import tensorflow as tf
+    from explain import compiled_forward
 
     model = processor.model
-    network = model.network
     h, w = model.input_size
-    x = tf.constant(np.random.default_rng(0).random((batch, h, w, model.channels), dtype=np.float32))
-    forward = tf.function(lambda t: network(t, training=False), autograph=False)
+    x = np.random.default_rng(0).random((batch, h, w, model.channels), dtype=np.float32)
+    forward = compiled_forward(model.network, x.shape)  # on the node's Keras backend (TensorFlow or JAX)
     for _ in range(3):
-        forward(x).numpy()
+        forward(x)
     samples = []
     for _ in range(repeats):
         t = time.perf_counter()
-        forward(x).numpy()
+        forward(x)
         samples.append((time.perf_counter() - t) * 1e3)
     return statistics.median(samples) / batch
 

@@ -13,8 +13,9 @@ also defines :meth:`BaseCAM.weights_from_sums`. When ``A`` feeds only a global a
 ``S = d y^c / d p`` exactly, and the pass takes that gradient instead, skipping the pooling's backward pass
 (for the demo CNN's 32x32 map, most of the cost of the explanation over the bare forward pass).
 
-The pass is compiled once per batch-size bucket (powers of two up to :data:`MAX_BUCKET`): a batch is padded up
-to its bucket and the results sliced, so a worker that sees batches of 1..16 compiles at most five passes.
+The pass is compiled once per batch-size bucket (powers of two up to :data:`MAX_BUCKET` on a CPU,
+:data:`MAX_GPU_BUCKET` on a GPU; larger batches run in chunks of that size): a batch is padded up to its bucket
+and the results sliced, so a worker that sees batches of 1..16 compiles at most five passes.
 Explaining the predicted class (what the node does) is one compiled entry point with the images as its only
 input; naming classes compiles a second one per bucket, on first use. Either returns its three results packed
 in one float32 vector ``[class index as int64 words | probabilities | heatmaps]`` (see :func:`_unpack`): for a
@@ -41,7 +42,8 @@ from explain.layers import AUTO, find_target_layer
 
 logger = logging.getLogger(__name__)
 
-MAX_BUCKET = 32
+MAX_BUCKET = 32  # the largest pass on a CPU; larger batches run in chunks, so a pass's memory stays bounded
+MAX_GPU_BUCKET = 256  # a GPU fills up only with batches of hundreds of images
 NO_CLASS = -1  # "explain the predicted class", resolved inside the pass
 
 
@@ -83,11 +85,14 @@ class Compiled:
 class Pass(Protocol):
     """A backend's compiled pass for one explainer (see :mod:`explain.backends`)."""
 
+    @property
+    def on_gpu(self) -> bool: ...
+
     def compile(self, shape: tuple[int, ...], with_classes: bool) -> Compiled: ...
 
 
-def _bucket(batch_size: int) -> int:
-    return min(MAX_BUCKET, 1 << (batch_size - 1).bit_length())
+def _bucket(batch_size: int, max_bucket: int = MAX_BUCKET) -> int:
+    return min(max_bucket, 1 << (batch_size - 1).bit_length())
 
 
 class BaseCAM:
@@ -111,6 +116,7 @@ class BaseCAM:
         self.num_classes: int = int(tuple(network.outputs[0].shape)[-1])
         self._network = weakref.ref(network)
         self._pass: Pass = pass_for(self, network)
+        self.max_bucket: int = MAX_GPU_BUCKET if self._pass.on_gpu else MAX_BUCKET
         self._concrete: dict[tuple[tuple[int, ...], bool], Compiled] = {}
         self._lock = threading.Lock()
         # Set by the backend's pass each time it traces (once per bucket and entry point).
@@ -184,23 +190,24 @@ class BaseCAM:
             raise ValueError("no images to explain")
         if class_index is not None:
             class_index = np.asarray(class_index, dtype=np.int64)
-        if images.shape[0] <= MAX_BUCKET:
+        chunk = self.max_bucket
+        if images.shape[0] <= chunk:
             probabilities, chosen, heatmaps = self._run(images, class_index)  # read-only already
         else:
             chunks = [
                 self._run(
-                    images[start : start + MAX_BUCKET],
-                    None if class_index is None else class_index[start : start + MAX_BUCKET],
+                    images[start : start + chunk],
+                    None if class_index is None else class_index[start : start + chunk],
                 )
-                for start in range(0, images.shape[0], MAX_BUCKET)
+                for start in range(0, images.shape[0], chunk)
             ]
             probabilities, chosen, heatmaps = (_frozen(np.concatenate(part)) for part in zip(*chunks, strict=True))
         return Explanation(probabilities, chosen, heatmaps, self.name, self.target_layer)
 
     def _run(self, images: np.ndarray, class_index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One chunk of at most MAX_BUCKET images: pad up to the bucket, run the pass, slice the padding off."""
+        """One chunk of at most ``max_bucket`` images: pad up to the bucket, run the pass, slice the padding off."""
         size = images.shape[0]
-        padding = _bucket(size) - size
+        padding = _bucket(size, self.max_bucket) - size
         compiled = self._compiled((size + padding, *images.shape[1:]), class_index is not None)
         if padding:
             images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
@@ -354,7 +361,8 @@ def warm_up(
     # A model that takes any size: the size it is fed (LoadedModel).
     shape = (*model.input_size, model.channels) if None in declared else tuple(int(n or 0) for n in declared)
     traced = []
-    for bucket in sorted({_bucket(n) for n in range(1, min(max_batch, MAX_BUCKET) + 1)}):
+    top = explainer.max_bucket
+    for bucket in sorted({_bucket(n, top) for n in range(1, min(max_batch, top) + 1)}):
         if should_stop is not None and should_stop():
             break
         explainer(np.zeros((bucket, *shape), dtype=np.float32), None)

@@ -61,6 +61,7 @@ class JaxPass:
 
     def __init__(self, explainer: BaseCAM, network: Any) -> None:
         self._explainer = explainer
+        self.on_gpu = jax.default_backend() == "gpu"  # where jax.jit places the pass
         # The variables (not their values), read once: Keras builds these lists on every access.
         self._trainable = list(network.trainable_variables)
         self._non_trainable = list(network.non_trainable_variables)

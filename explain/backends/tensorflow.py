@@ -57,6 +57,7 @@ class TensorFlowPass:
 
     def __init__(self, explainer: BaseCAM) -> None:
         self._explainer = explainer
+        self.on_gpu = bool(tf.config.list_logical_devices("GPU"))  # where TensorFlow places the pass
         self._predicted_function = tf.function(self._pass_predicted, autograph=False)
         self._classes_function = tf.function(self._pass_classes, autograph=False)
         # Heatmap (h, w) per traced input shape; None where it is only known when the pass runs (see _pack).
