@@ -57,3 +57,31 @@ def test_importing_explain_sets_up_no_device() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_importing_explain_on_jax_sets_up_no_device_and_loads_no_tensorflow() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys
+        os.environ["KERAS_BACKEND"] = "jax"
+        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+        import keras
+        from jax._src import xla_bridge
+
+        import explain
+        for name in explain.__all__:  # the lazy public names, resolved
+            getattr(explain, name)
+        assert not xla_bridge.backends_are_initialized(), "importing explain started JAX's devices"
+        assert "tensorflow" not in sys.modules, "importing explain on JAX loaded TensorFlow"
+        assert keras.mixed_precision.global_policy().name == "float32"
+
+        setup = explain.configure_device(mixed_precision=True)
+        assert (setup.backend, setup.gpus) == ("jax", 0) and not setup.mixed_precision  # on a CPU: nothing
+        assert keras.mixed_precision.global_policy().name == "float32"
+        assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # set before JAX started its devices
+        assert "tensorflow" not in sys.modules
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
