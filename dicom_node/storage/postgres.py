@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 import uuid
@@ -125,6 +126,13 @@ def _holder_id(identity: NodeIdentity | None) -> str:
     return f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
 
 
+def _hung_up(conn: psycopg.Connection[Any]) -> bool:
+    """True when an idle connection has something to read: nothing is due on it but the server's goodbye."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _Database:
     """One connection for a store's threads, opened on first use and reopened after a failure."""
 
@@ -139,6 +147,8 @@ class _Database:
         if self._pid != os.getpid():
             # A forked child must not talk over its parent's socket: open its own, leave the parent's alone.
             self._conn, self._pid = None, os.getpid()
+        if self._conn is not None and not self._conn.closed and _hung_up(self._conn):
+            self._conn.close()  # the server went away while we were idle (restart, failover): connect again
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
@@ -435,8 +445,19 @@ class PostgresJobQueue:
 
     # Claiming
     def claim_batch(self, max_n: int, *, count_attempt: bool = True) -> list[Job]:
-        """Claim up to ``max_n`` oldest pending jobs for this queue (``FOR UPDATE SKIP LOCKED``), with a lease."""
+        """Claim up to ``max_n`` oldest pending jobs for this queue (``FOR UPDATE SKIP LOCKED``), with a lease.
+
+        While the database cannot be reached nothing can be claimed: an empty batch (logged), so that the
+        worker's loop goes on and claims again once the database is back.
+        """
         self._start_renewer()
+        try:
+            return self._claim(max_n, count_attempt)
+        except StorageError as exc:
+            logger.warning("no jobs claimed: %s", type(exc.__cause__).__name__)
+            return []
+
+    def _claim(self, max_n: int, count_attempt: bool) -> list[Job]:
         with self._db.transaction() as cur:
             recovered = self._recover_expired(cur)
             cur.execute(
