@@ -139,11 +139,28 @@ def explain_worker(backend: str, directory: Path) -> None:
     facts["trace_counts"]["demo/gradcam after more batch sizes"] = explainer_for(demo.network).trace_count
     after = {name: _layer_attributes(model) for name, model in (("seed", seed), ("nested", nested))}
     facts["unchanged"] = before == after
+    facts["follows_new_weights"] = _follows_new_weights(demo.network, demo_images)
     if backend == "jax":
         facts["convolutions"] = _jax_convolutions(seed, demo.network, seed_images, demo_images)
     facts["tensorflow_imported"] = "tensorflow" in sys.modules
     np.savez(directory / f"{backend}.npz", **arrays)
     (directory / f"{backend}.json").write_text(json.dumps(facts, indent=1))
+
+
+def _follows_new_weights(network: Any, images: np.ndarray) -> bool:
+    """After the last layer's kernel is negated, the compiled pass gives the model's new outputs."""
+    import explain
+
+    dense = network.layers[-1]
+    kernel = dense.kernel.numpy()
+    before = explain.explain(network, images).probabilities
+    dense.kernel.assign(-kernel)
+    try:
+        after = explain.explain(network, images).probabilities
+        expected = np.asarray(network(images, training=False))
+    finally:
+        dense.kernel.assign(kernel)
+    return bool(np.allclose(after, expected, rtol=1e-5, atol=1e-6) and not np.allclose(after, before, atol=1e-3))
 
 
 def _jax_convolutions(seed: Any, demo: Any, seed_images: np.ndarray, demo_images: np.ndarray) -> dict[str, Any]:
@@ -300,6 +317,7 @@ def test_one_compiled_pass_per_bucket_and_entry_point_on_both_backends(
             "demo/gradcam after more batch sizes": 5,
         }, backend
         assert facts["unchanged"], f"{backend}: explain changed the model's layers"
+        assert facts["follows_new_weights"], f"{backend}: the compiled pass kept the weights it was compiled with"
 
 
 def test_the_jax_pass_runs_the_network_once_and_no_backbone_backward(
