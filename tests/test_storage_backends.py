@@ -426,6 +426,55 @@ def test_schema_is_created_versioned_and_migrated_once(pg_url: str) -> None:
 
 
 @needs_postgres()
+def test_a_version_1_database_is_migrated(pg_url: str) -> None:
+    """A database a node of schema version 1 made (payloads compressed in the row) is brought to the current
+    version at start, its items kept."""
+    from dicom_node.storage.postgres import _MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION, PostgresOutbox
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {SCHEMA_TABLE} (version integer PRIMARY KEY, applied_at timestamptz NOT NULL"
+                     " DEFAULT now())")
+        conn.execute(_MIGRATIONS[0])  # type: ignore[arg-type]
+        conn.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (1)")
+        conn.execute("INSERT INTO outbox (channel, destination, dedup_key, payload, next_attempt_at, created_at,"
+                     " updated_at) VALUES ('hl7', 'ris:2575', 'MSG1', 'MSH|old', 0, 0, 0)")
+    box = PostgresOutbox(pg_url)
+    try:
+        head = box.head("hl7", "ris:2575")
+        assert head is not None and head.payload == b"MSH|old"
+    finally:
+        box.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute(f"SELECT max(version) FROM {SCHEMA_TABLE}").fetchone() == (SCHEMA_VERSION,)
+        assert SCHEMA_VERSION >= 2
+        storage = conn.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'outbox'::regclass"
+                               " AND attname = 'payload'").fetchone()
+        assert storage == ("e",)  # external: stored as it is, not compressed
+
+
+@needs_postgres()
+def test_head_sends_a_payload_once_per_version(pg_url: str) -> None:
+    from dicom_node.storage.postgres import PostgresOutbox
+
+    box = PostgresOutbox(pg_url)
+    try:
+        item_id = box.enqueue("dicom", "PACS@h:1", "sc", b"first" * 1000)
+        first = box.head("dicom", "PACS@h:1")
+        assert first is not None and first.payload == b"first" * 1000
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # what the cached head must not hide
+            conn.execute("UPDATE outbox SET attempts = 7 WHERE id = %s", (item_id,))
+        again = box.head("dicom", "PACS@h:1")
+        assert again is not None and again.payload is first.payload and again.attempts == 7
+        box.mark_done(item_id)
+        assert box.head("dicom", "PACS@h:1") is None
+        assert box.enqueue("dicom", "PACS@h:1", "sc", b"second", resend=True) == item_id
+        resent = box.head("dicom", "PACS@h:1")
+        assert resent is not None and (resent.id, resent.payload, resent.attempts) == (item_id, b"second", 0)
+    finally:
+        box.close()
+
+
+@needs_postgres()
 def test_states_are_enforced_by_the_database(pg_url: str) -> None:
     q = open_job_store(StorageSettings(url=pg_url), "/nonexistent")
     try:
@@ -654,3 +703,12 @@ def test_a_sender_rides_out_a_database_outage(own_cluster: PostgresCluster, sink
         sender.wake()
         thread.join(10)
         outbox.close()
+
+
+def test_serve_takes_a_role() -> None:
+    from dicom_node.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).role == "all"
+    assert build_parser().parse_args(["serve", "--role", "worker"]).role == "worker"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--role", "gpu"])

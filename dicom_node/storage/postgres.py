@@ -105,6 +105,11 @@ _MIGRATIONS: tuple[str, ...] = (
         seen_at double precision NOT NULL
     );
     """,
+    # 2: outputs are stored as they are, not compressed (pglz on every Secondary Capture and Parametric Map costs
+    # the server more CPU than it saves on disk for pixel data, and the rows leave the outbox soon).
+    """
+    ALTER TABLE outbox ALTER COLUMN payload SET STORAGE EXTERNAL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -557,6 +562,8 @@ class PostgresOutbox:
         self._db = _Database(url)
         self._db.open(create)
         self._closed = False
+        # The payload of each destination's last head, by (id, updated_at): see head().
+        self._heads: dict[tuple[str, str], tuple[tuple[int, float], bytes]] = {}
 
     def close(self) -> None:
         """Hand the destinations this sender holds back at once (another sender need not wait for the lease)."""
@@ -605,14 +612,28 @@ class PostgresOutbox:
             return [r[0] for r in cur.fetchall()]
 
     def head(self, channel: str, destination: str) -> OutboxItem | None:
+        """The oldest pending item of a destination. Senders ask several times a second while items wait, so the
+        payload (megabytes for a Parametric Map) crosses the network once per version of the row, not each time.
+        """
+        cached = self._heads.get((channel, destination))
+        cached_id, cached_at = cached[0] if cached is not None else (-1, -1.0)
         with self._db.transaction() as cur:
             cur.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE channel = %s AND destination = %s AND state = 'pending'"
-                " ORDER BY id LIMIT 1",
-                (channel, destination),
+                "SELECT id, channel, destination, dedup_key,"
+                " CASE WHEN id = %s AND updated_at = %s THEN NULL ELSE payload END,"
+                " state, attempts, next_attempt_at, last_error, updated_at FROM outbox"
+                " WHERE channel = %s AND destination = %s AND state = 'pending' ORDER BY id LIMIT 1",
+                (cached_id, cached_at, channel, destination),
             )
             row = cur.fetchone()
-        return _item(row) if row else None
+        if row is None:
+            return None
+        if row[4] is None and cached is not None:  # payload is NOT NULL: the row is the version cached
+            payload = cached[1]
+        else:
+            payload = bytes(row[4])
+            self._heads[(channel, destination)] = ((int(row[0]), float(row[9])), payload)
+        return OutboxItem(int(row[0]), row[1], row[2], row[3], payload, *row[5:9])
 
     def due(self, channel: str, destination: str, now: float | None = None) -> OutboxItem | None:
         """The head if it is due and this outbox holds (or now takes) the destination's sender lease."""
