@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import ssl
 import sys
@@ -20,7 +19,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_MODEL = 4
 
-log = logging.getLogger("cxr_lens")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

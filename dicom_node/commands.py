@@ -36,7 +36,7 @@ from dicom_node.process.processor import (
 )
 from dicom_node.settings import Settings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # A processed image's DICOM objects: ``Processed`` attribute and ``[outputs]`` key, SOP Class, and file name in
 # ``explain``'s and ``demo``'s output directory.
@@ -250,7 +250,7 @@ def _sample_radiograph() -> Path | None:
     try:
         found = get_testdata_file(DEMO_SAMPLE)
     except Exception as exc:  # pydicom-data missing or unreadable: reported below with what to install
-        log.error("sample radiograph unavailable (%s)", type(exc).__name__)
+        logger.error("sample radiograph unavailable (%s)", type(exc).__name__)
         return None
     return Path(found) if found else None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_WEIGHTS = DEMO_DIR / "cxr_lens_demo_cnn.keras"
@@ -193,7 +193,7 @@ def _under_global_policy(keras: Any, network: Any) -> Any:
         if layer is not output_layer:
             layer.dtype_policy = policy
         pending.extend(getattr(layer, "layers", []))
-    log.info("model computes in %s (global policy %s), its output layer in float32", policy.compute_dtype, policy.name)
+    logger.info("model computes in %s (global policy %s), its output layer in float32", policy.compute_dtype, policy.name)
     return network
 
 
@@ -210,7 +210,7 @@ def load_model(settings: ModelSpec) -> LoadedModel:
     _check_shapes(network, settings)
     if settings.target_layer != "auto" and not _has_layer(network, settings.target_layer):
         raise ModelError(f"model.target_layer {settings.target_layer!r}: no such layer in {path.name}")
-    log.info("loaded model %s %s (%s on %s) from %s", settings.id, settings.version, framework, backend, path)
+    logger.info("loaded model %s %s (%s on %s) from %s", settings.id, settings.version, framework, backend, path)
     return LoadedModel(
         network=network,
         framework=framework,

@@ -19,7 +19,7 @@ import numpy as np
 
 from models.synthetic import LABELS, generate
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 WEIGHTS_NAME = "cxr_lens_demo_cnn.keras"
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = train(args.out, n_train=args.train, n_val=args.val, n_held_out=args.held_out, epochs=args.epochs,
                     batch_size=args.batch_size, seed=args.seed)
-    log.info("held-out accuracy %.4f on %d cases; weights in %s", metrics["held_out_accuracy"],
+    logger.info("held-out accuracy %.4f on %d cases; weights in %s", metrics["held_out_accuracy"],
              metrics["held_out_cases"], args.out)
     return 0
 

@@ -25,7 +25,7 @@ from dicom_node.outputs.oru import (
     new_message_control_id,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
@@ -218,7 +218,7 @@ def send_message(
         raise MLLPError(CONNECTION_FAILED, f"{type(exc).__name__}: {exc}") from exc
     if ack.control_id != control_id:
         raise MLLPError(MALFORMED_ACK, f"ACK for {ack.control_id[:20]!r}, sent {control_id}")
-    log.debug("HL7 %s -> %s:%d acknowledged %s", control_id, host, port, ack.code)
+    logger.debug("HL7 %s -> %s:%d acknowledged %s", control_id, host, port, ack.code)
     return ack
 
 

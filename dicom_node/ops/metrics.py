@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PREFIX = "cxr_lens"
 # Latencies from a C-STORE answer (milliseconds) up to an inference batch (seconds).
@@ -160,7 +160,7 @@ class MetricsServer:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="cxr-lens-http", daemon=True)
         self._thread.start()
-        LOG.info("HTTP /metrics and /healthz on port %d", self.port)
+        logger.info("HTTP /metrics and /healthz on port %d", self.port)
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -192,6 +192,6 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-                LOG.debug("http: " + format, *args)
+                logger.debug("http: " + format, *args)
 
         return Handler

@@ -29,7 +29,7 @@ from dicom_node.receive.acceptor import (
     start_server,
 )
 
-LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 
@@ -89,7 +89,7 @@ class DicomSink:
         handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self._server = start_server(self._ae, (self.host, self._requested_port), self._policy, handlers)
         self._requested_port = self.port
-        LOG.info("DICOM sink %s listening on %s:%d%s", self.ae_title, self.host, self.port,
+        logger.info("DICOM sink %s listening on %s:%d%s", self.ae_title, self.host, self.port,
                  " (TLS)" if self._policy.tls_context is not None else "")
 
     def stop(self) -> None:

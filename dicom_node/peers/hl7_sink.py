@@ -24,7 +24,7 @@ from dicom_node.deliver.mllp import (
     message_control_id,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SinkMode = Literal["AA", "AE", "AR"]
 SINK_MODES: tuple[SinkMode, ...] = ("AA", "AE", "AR")
@@ -47,17 +47,17 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         except OSError as exc:  # ssl.SSLError included
-            log.warning("hl7-sink: %s: connection lost before TLS (%s)", peer, type(exc).__name__)
+            logger.warning("hl7-sink: %s: connection lost before TLS (%s)", peer, type(exc).__name__)
             return
         with tls:
             try:
                 tls.settimeout(self.server.sink.handshake_timeout_s)
                 tls.do_handshake()
             except ssl.SSLError as exc:
-                log.warning("hl7-sink: %s: TLS handshake failed (%s)", peer, exc.reason or type(exc).__name__)
+                logger.warning("hl7-sink: %s: TLS handshake failed (%s)", peer, exc.reason or type(exc).__name__)
                 return
             except OSError as exc:  # TimeoutError included
-                log.warning("hl7-sink: %s: no TLS handshake (%s)", peer, type(exc).__name__)
+                logger.warning("hl7-sink: %s: no TLS handshake (%s)", peer, type(exc).__name__)
                 return
             self._serve(tls)
 
@@ -74,7 +74,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     conn.sendall(frame(reply))
                 continue
             if len(buffer) > MAX_MESSAGE_BYTES:
-                log.warning("hl7-sink: message over %d bytes; closing the connection", MAX_MESSAGE_BYTES)
+                logger.warning("hl7-sink: message over %d bytes; closing the connection", MAX_MESSAGE_BYTES)
                 return
             try:
                 chunk = conn.recv(65536)
@@ -135,7 +135,7 @@ class HL7Sink:
             target=self._server.serve_forever, args=(_POLL_S,), name="hl7-sink", daemon=True
         )
         self._thread.start()
-        log.info("hl7-sink listening on %s:%d%s, answering %s, storing in %s", self.host, self.port,
+        logger.info("hl7-sink listening on %s:%d%s, answering %s, storing in %s", self.host, self.port,
                  " (TLS)" if self.ssl_context is not None else "", self.mode, self.out_dir)
 
     def stop(self) -> None:
@@ -168,7 +168,7 @@ class HL7Sink:
         tmp.replace(path)
         text = "" if self.mode == "AA" else f"hl7-sink answers {self.mode}"
         ack = build_ack(message, self.mode, text)
-        log.info("hl7-sink: %s stored as %s, answered %s", control_id or "(no MSH-10)", path.name, self.mode)
+        logger.info("hl7-sink: %s stored as %s, answered %s", control_id or "(no MSH-10)", path.name, self.mode)
         return ack
 
 
@@ -188,4 +188,4 @@ def run_sink_forever(
             while not stop.wait(_POLL_S):
                 pass
         except KeyboardInterrupt:
-            log.info("hl7-sink: interrupted")
+            logger.info("hl7-sink: interrupted")

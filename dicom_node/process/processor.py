@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from explain.trust import Evidence
     from models.loading import LoadedModel
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ def load_processor(settings: Settings) -> Processor:
         from explain import configure_device
 
         device = configure_device()  # GPU memory growth and mixed precision where supported; no-op on CPU
-        log.info("device: %s, %d GPU(s), mixed precision %s", device.backend, device.gpus,
+        logger.info("device: %s, %d GPU(s), mixed precision %s", device.backend, device.gpus,
                  device.policy if device.mixed_precision else "off")
         model = load_model(settings.model)
     except models_loading.ModelError as exc:

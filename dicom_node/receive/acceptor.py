@@ -56,7 +56,7 @@ from pynetdicom.utils import make_target
 
 from dicom_node.ops.metrics import Metrics
 
-LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -112,7 +112,7 @@ class AcceptPolicy:
         return any(addr in net for addr in candidates for net in self.allowed_networks if addr.version == net.version)
 
     def refuse(self, reason: Refusal, peer: str, detail: str) -> None:
-        LOG.warning("%s: peer %s refused (%s): %s", self.name, peer, reason.value, detail)
+        logger.warning("%s: peer %s refused (%s): %s", self.name, peer, reason.value, detail)
         if self.metrics is not None:
             self.metrics.associations_refused.labels(reason=reason.value).inc()
 
@@ -125,7 +125,7 @@ def warn_if_open(name: str, allowed_calling_aets: Iterable[str], allowed_network
     if not tuple(allowed_networks):
         open_checks.append("any source address (node.allowed_networks is empty)")
     if open_checks:
-        LOG.warning("%s: access is open: %s", name, "; ".join(open_checks))
+        logger.warning("%s: access is open: %s", name, "; ".join(open_checks))
 
 
 _FIRST_READ = 1 << 20  # bytes: the receive buffer's first size (see _PduLengthGuard._recv_exact)
