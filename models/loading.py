@@ -193,7 +193,8 @@ def _under_global_policy(keras: Any, network: Any) -> Any:
         if layer is not output_layer:
             layer.dtype_policy = policy
         pending.extend(getattr(layer, "layers", []))
-    logger.info("model computes in %s (global policy %s), its output layer in float32", policy.compute_dtype, policy.name)
+    logger.info("model computes in %s (global policy %s), its output layer in float32", policy.compute_dtype,
+                policy.name)
     return network
 
 
