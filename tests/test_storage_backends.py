@@ -475,6 +475,31 @@ def test_head_sends_a_payload_once_per_version(pg_url: str) -> None:
 
 
 @needs_postgres()
+def test_payloads_live_in_the_shared_spool_and_names_in_the_database(pg_url: str, tmp_path: Path) -> None:
+    import hashlib
+
+    box = open_outbox_store(StorageSettings(url=pg_url), tmp_path / "spool")
+    other_node = open_outbox_store(StorageSettings(url=pg_url), tmp_path / "spool")  # same spool, another process
+    try:
+        payload = bytes(range(256)) * 4096
+        key = hashlib.sha256(payload).hexdigest()
+        first = box.enqueue("dicom", "PACS@a:1", "sc-1", payload)
+        box.enqueue("dicom", "ARCHIVE@b:2", "sc-1", payload)  # the same bytes to a second destination: one file
+        assert [p.name for p in (tmp_path / "spool" / "outbox").rglob("*") if p.is_file()] == [key]
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute("SELECT payload IS NULL, payload_key FROM outbox ORDER BY id").fetchall()
+        assert rows == [(True, key), (True, key)]
+        head = other_node.head("dicom", "PACS@a:1")
+        assert head is not None and (head.id, head.payload) == (first, payload)
+        (tmp_path / "spool" / "outbox" / key[:2] / key).unlink()
+        with pytest.raises(StorageError, match="missing"):
+            other_node.get(first)
+    finally:
+        box.close()
+        other_node.close()
+
+
+@needs_postgres()
 def test_states_are_enforced_by_the_database(pg_url: str) -> None:
     q = open_job_store(StorageSettings(url=pg_url), "/nonexistent")
     try:
@@ -486,10 +511,10 @@ def test_states_are_enforced_by_the_database(pg_url: str) -> None:
 
 
 @needs_postgres()
-def test_status_lists_the_processes_seen(pg_url: str) -> None:
+def test_status_lists_the_processes_seen(pg_url: str, tmp_path: Path) -> None:
     from dicom_node.storage.postgres import nodes_seen
 
-    settings = Settings(storage=StorageSettings(url=pg_url))
+    settings = Settings(node=NodeSettings(spool_dir=tmp_path), storage=StorageSettings(url=pg_url))
     jobs, outbox = open_storage(settings, role="ingest")
     try:
         assert wait_until(lambda: [(n.role, n.pid) for n in nodes_seen(pg_url)] == [("ingest", os.getpid())], 10.0)
@@ -499,7 +524,7 @@ def test_status_lists_the_processes_seen(pg_url: str) -> None:
         jobs.claim_batch(1)
         jobs.fail(job_id, "DecodeError: corrupt")
         outbox.park(outbox.enqueue("dicom", "PACS@h:1", "sc", b"x"), "0xA900 refused")
-        report = collect_status("/nonexistent", storage=settings.storage)
+        report = collect_status(tmp_path, storage=settings.storage)
         assert report["jobs"]["failed"] == 1 and report["outbox"]["dicom"]["parked"] == 1
         assert [(n["role"], n["pid"]) for n in report["nodes"]] == [("ingest", os.getpid())]
         text = format_status(report)
@@ -680,9 +705,10 @@ def test_ingest_and_worker_ride_out_a_database_outage(own_cluster: PostgresClust
 @needs_postgres()
 @pytest.mark.xfail(strict=True, reason="OutboxSender.run_forever computes its next wait (outbox.head) outside its "
                    "try: a failed read ends the sender thread (dicom_node/deliver/sender.py)")
-def test_a_sender_rides_out_a_database_outage(own_cluster: PostgresCluster, sink: DicomSink) -> None:
+def test_a_sender_rides_out_a_database_outage(own_cluster: PostgresCluster, sink: DicomSink,
+                                              tmp_path: Path) -> None:
     url = own_cluster.database()
-    outbox = open_outbox_store(StorageSettings(url=url), "/nonexistent")
+    outbox = open_outbox_store(StorageSettings(url=url), tmp_path)
     sender = DicomSender(outbox, (DestinationSettings(ae_title="PACS", host="127.0.0.1", port=sink.port),),
                          ae_title="CXRLENS", retry_initial_s=0.1, retry_max_s=0.5, timeout_s=10, poll_s=0.1)
     stop = threading.Event()

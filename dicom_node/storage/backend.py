@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from dicom_node.settings import Settings, StorageSettings
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+# With PostgreSQL, the folder of node.spool_dir that holds the outbox's payloads (SC, Parametric Map, SR, ORU).
+OUTBOX_PAYLOADS = "outbox"
 
 
 class StorageError(OSError):
@@ -166,7 +168,9 @@ def open_outbox_store(storage: StorageSettings, spool_dir: Path | str, *, create
         _needs_psycopg()
         from dicom_node.storage.postgres import PostgresOutbox
 
-        return PostgresOutbox(storage.url, lease_s=storage.lease_s, create=create)
+        # The bytes of the outputs go to the shared spool, their names to the database (see PostgresOutbox).
+        return PostgresOutbox(storage.url, lease_s=storage.lease_s, create=create,
+                              payload_dir=Path(spool_dir) / OUTBOX_PAYLOADS)
     path = outbox_path(spool_dir)
     if not create and not path.exists():
         raise StorageNotFound(f"no outbox in {spool_dir}")
