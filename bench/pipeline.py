@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dicom_node.node import compose
     from dicom_node.process.processor import load_processor
+    from dicom_node.storage.backend import is_postgres, redacted
 
     with tempfile.TemporaryDirectory(prefix="cxr-lens-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
               f"overlay cap {settings.pixels.overlay_max_long_side}; reduced decode {settings.pixels.reduced_decode}; "
               f"pipelined {settings.worker.pipelined}; decode threads {settings.worker.decode_threads}; "
               f"output threads {settings.worker.output_threads}; DICOM objects per image {objects}")
+        # The queue and outbox store: --set storage.url=postgresql://... compares a PostgreSQL server with SQLite
+        # (the server's CPU counts in the machine's column, not the node's).
+        print(f"storage: {redacted(settings.storage.url) if is_postgres(settings.storage.url) else 'sqlite'}")
         print(f"bare forward pass: {forward:.1f} ms per image at batch {batch} (median of 15)\n", flush=True)
         rows = []
         node.start()
