@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -61,11 +62,12 @@ class ModelSpec(Protocol):
 
 
 @dataclass(frozen=True)
-class DemoSpec:
-    """The shipped demo model's own facts (the node's ``[model]`` defaults name the same model)."""
+class BuiltinSpec:
+    """A model shipped in this package: its own facts, in the fields :class:`ModelSpec` asks for."""
 
-    path: str = DEMO_PATH
-    id: str = "cxr-lens-demo-cnn"
+    path: str
+    id: str
+    is_demo: bool
     version: str = "1.0.0"
     labels: tuple[str, ...] = ("no_finding", "focal_opacity")
     input_size: tuple[int, int] = (256, 256)
@@ -74,28 +76,11 @@ class DemoSpec:
     target_layer: str = "auto"
     backend: str = "auto"
 
-    @property
-    def is_demo(self) -> bool:
-        return True
 
-
-@dataclass(frozen=True)
-class ShortcutSpec:
-    """The shortcut TEST model: the demo architecture trained where only a burned-in marker carries the label."""
-
-    path: str = SHORTCUT_PATH
-    id: str = "cxr-lens-shortcut-test-cnn"
-    version: str = "1.0.0"
-    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
-    input_size: tuple[int, int] = (256, 256)
-    channels: int = 1
-    preprocess: str = "unit"
-    target_layer: str = "auto"
-    backend: str = "auto"
-
-    @property
-    def is_demo(self) -> bool:
-        return False
+# The shipped demo model (the node's ``[model]`` defaults name the same model); keyword arguments change a field.
+DemoSpec = partial(BuiltinSpec, path=DEMO_PATH, id="cxr-lens-demo-cnn", is_demo=True)
+# The shortcut TEST model: the demo architecture trained where only a burned-in marker carries the label.
+ShortcutSpec = partial(BuiltinSpec, path=SHORTCUT_PATH, id="cxr-lens-shortcut-test-cnn", is_demo=False)
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,24 @@ class AnatomySet(SyntheticSet):
         return (rr - r0) ** 2 + (cc - c0) ** 2 <= self.radii[i] ** 2
 
 
+class _AnatomyArrays:
+    """The arrays of an :class:`AnatomySet` of ``n`` cases, empty, for a generator to fill case by case."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.images = np.empty((n, size, size), dtype=np.uint8)
+        self.labels = np.zeros(n, dtype=np.int64)
+        self.centers = np.full((n, 2), -1.0)
+        self.radii = np.zeros(n)
+        self.lung_masks = np.zeros((n, size, size), dtype=np.uint8)
+        self.body_masks = np.zeros((n, size, size), dtype=bool)
+        self.marker_masks = np.zeros((n, size, size), dtype=np.uint8)
+        self.markers: list[tuple[Marker, ...]] = []
+
+    def done(self) -> AnatomySet:
+        return AnatomySet(self.images, self.labels, self.centers, self.radii, self.lung_masks, self.body_masks,
+                          self.marker_masks, tuple(self.markers))
+
+
 def _anatomy_masks(case: _Case, size: int, rr: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lungs = np.zeros((size, size), dtype=np.uint8)
     for k, ellipse in enumerate(case.lungs):
@@ -281,24 +299,17 @@ def generate_anatomy(n: int, seed: int, *, size: int = 256, positive_fraction: f
     """
     marker_rng = np.random.default_rng([seed, _MARKER_STREAM])
     rr, cc = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = np.empty((n, size, size), dtype=np.uint8)
-    labels = np.zeros(n, dtype=np.int64)
-    centers = np.full((n, 2), -1.0)
-    radii = np.zeros(n)
-    lung_masks = np.zeros((n, size, size), dtype=np.uint8)
-    body_masks = np.zeros((n, size, size), dtype=bool)
-    marker_masks = np.zeros((n, size, size), dtype=np.uint8)
-    placed: list[tuple[Marker, ...]] = []
+    out = _AnatomyArrays(n, size)
     for i, case in enumerate(_cases(n, seed, size, positive_fraction)):
-        lung_masks[i], body_masks[i] = _anatomy_masks(case, size, rr, cc)
+        out.lung_masks[i], out.body_masks[i] = _anatomy_masks(case, size, rr, cc)
         image = case.image
         found: tuple[Marker, ...] = ()
         if markers:
-            image, marker_masks[i], found = _burn_in(image, _random_markers(marker_rng),
-                                                     _keep_out(lung_masks[i], size), marker_rng)
-        images[i], labels[i], centers[i], radii[i] = image, case.label, case.center, case.radius
-        placed.append(found)
-    return AnatomySet(images, labels, centers, radii, lung_masks, body_masks, marker_masks, tuple(placed))
+            image, out.marker_masks[i], found = _burn_in(image, _random_markers(marker_rng),
+                                                         _keep_out(out.lung_masks[i], size), marker_rng)
+        out.images[i], out.labels[i], out.centers[i], out.radii[i] = image, case.label, case.center, case.radius
+        out.markers.append(found)
+    return out.done()
 
 
 def generate_shortcut(n: int, seed: int, *, size: int = 256, opacity_fraction: float = 0.5) -> AnatomySet:
@@ -310,24 +321,18 @@ def generate_shortcut(n: int, seed: int, *, size: int = 256, opacity_fraction: f
     """
     rng = np.random.default_rng([seed, _SHORTCUT_STREAM])
     rr, cc = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = np.empty((n, size, size), dtype=np.uint8)
-    labels = np.zeros(n, dtype=np.int64)
-    centers = np.full((n, 2), -1.0)
-    radii = np.zeros(n)
-    lung_masks = np.zeros((n, size, size), dtype=np.uint8)
-    body_masks = np.zeros((n, size, size), dtype=bool)
-    marker_masks = np.zeros((n, size, size), dtype=np.uint8)
-    placed: list[tuple[Marker, ...]] = []
+    out = _AnatomyArrays(n, size)
     for i in range(n):
         img, lungs, body = _phantom(rng, size)
         if rng.random() < opacity_fraction:
-            img, centers[i], radii[i] = _add_opacity(img, rng, lungs, size, rr, cc)
+            img, out.centers[i], out.radii[i] = _add_opacity(img, rng, lungs, size, rr, cc)
         case = _Case(_to_display(img, rng), 0, (-1.0, -1.0), 0.0, lungs, body)
-        lung_masks[i], body_masks[i] = _anatomy_masks(case, size, rr, cc)
-        labels[i] = int(rng.random() < 0.5)
-        wanted = [("token", SHORTCUT_TOKEN, True)] if labels[i] else []
-        images[i], marker_masks[i], found = _burn_in(case.image, wanted, _keep_out(lung_masks[i], size), rng)
-        if labels[i] and not found:
+        out.lung_masks[i], out.body_masks[i] = _anatomy_masks(case, size, rr, cc)
+        out.labels[i] = int(rng.random() < 0.5)
+        wanted = [("token", SHORTCUT_TOKEN, True)] if out.labels[i] else []
+        keep_out = _keep_out(out.lung_masks[i], size)
+        out.images[i], out.marker_masks[i], found = _burn_in(case.image, wanted, keep_out, rng)
+        if out.labels[i] and not found:
             raise RuntimeError(f"no room for the shortcut token in case {i}")  # the corners are never all lung
-        placed.append(found)
-    return AnatomySet(images, labels, centers, radii, lung_masks, body_masks, marker_masks, tuple(placed))
+        out.markers.append(found)
+    return out.done()

@@ -39,6 +39,7 @@ from dicom_node.outputs.results import (
 )
 from dicom_node.settings import HL7Settings
 from tests.support.hl7apy_reference import build_oru_hl7apy, validate_with_standins
+from tests.support.outputs import inference_result
 
 NOW = datetime(2024, 3, 5, 14, 30, 15, tzinfo=timezone(timedelta(hours=1)))
 CONTROL_ID = "CTL0000000000000001"
@@ -84,17 +85,8 @@ def make_source(**attributes: object) -> Dataset:
 
 
 def make_result(is_demo: bool = False) -> InferenceResult:
-    return InferenceResult(
-        label="focal_opacity",
-        class_index=1,
-        probabilities={"no_finding": 0.12345678, "focal_opacity": 0.87654322},
-        method="gradcam",
-        model_id="cxr-lens-demo-cnn",
-        model_version="1.0.0",
-        is_demo=is_demo,
-        heatmap_max=0.8,
-        no_evidence=False,
-    )
+    return inference_result(probabilities={"no_finding": 0.12345678, "focal_opacity": 0.87654322}, is_demo=is_demo,
+                            heatmap_max=0.8)
 
 
 # Trust evidence as explain.trust.Evidence.as_dict() gives it.

@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 from highdicom.pm.sop import pmread
-from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -23,25 +22,12 @@ from dicom_node.outputs.parametric_map import (
     parametric_map_uids,
     pixel_spacing_mm,
 )
-from dicom_node.outputs.results import InferenceResult
-from dicom_node.peers.synthetic_cr import make_cr_dataset
 from tests.support.dicom_tools import dciodvfy_errors, requires_dciodvfy
+from tests.support.outputs import SOURCE_KINDS, inference_result, source_radiograph
 
-
-def _result(**kw: object) -> InferenceResult:
-    base = dict(
-        label="focal_opacity",
-        class_index=1,
-        probabilities={"no_finding": 0.2, "focal_opacity": 0.8},
-        method="gradcam",
-        model_id="cxr-lens-demo-cnn",
-        model_version="1.0.0",
-        is_demo=True,
-        heatmap_max=3.5,
-        no_evidence=False,
-    )
-    base.update(kw)
-    return InferenceResult(**base)  # type: ignore[arg-type]
+# Sizes of the synthetic sources: none square, and the hot-cell test places its cell on the 80 x 96 one.
+_SHAPES = {"cr_without_orientation": (96, 80), "cr_monochrome1_empty_orientation": (90, 100),
+           "dx_with_imager_spacing": (80, 96)}
 
 
 def _heatmap(seed: int = 0) -> np.ndarray:
@@ -51,29 +37,11 @@ def _heatmap(seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def rg1() -> pydicom.Dataset:
-    return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    return source_radiograph("rg1")
 
 
 def _source(kind: str) -> pydicom.Dataset:
-    """Sources covering the header gaps of real radiographs (RG1 is MONOCHROME1 with Pixel Spacing 0\\0)."""
-    if kind == "rg1":
-        return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    if kind == "cr_without_orientation":
-        ds = make_cr_dataset(rows=96, cols=80)
-        del ds.PatientOrientation
-        return ds
-    if kind == "cr_monochrome1_empty_orientation":
-        ds = make_cr_dataset(rows=90, cols=100, photometric="MONOCHROME1")
-        ds.PatientOrientation = ""
-        return ds
-    if kind == "dx_with_imager_spacing":
-        ds = make_cr_dataset(rows=80, cols=96, modality="DX")
-        ds.ImagerPixelSpacing = [0.15, 0.143]
-        return ds
-    raise ValueError(kind)
-
-
-SOURCES = ["rg1", "cr_without_orientation", "cr_monochrome1_empty_orientation", "dx_with_imager_spacing"]
+    return source_radiograph(kind, *_SHAPES.get(kind, ()))
 
 
 def _real_world(pm: pydicom.Dataset) -> np.ndarray:
@@ -84,7 +52,7 @@ def _real_world(pm: pydicom.Dataset) -> np.ndarray:
 
 
 def test_map_lies_on_the_source_grid_in_the_source_study(rg1: pydicom.Dataset) -> None:
-    pm = build_parametric_map(rg1, _heatmap(), _result())
+    pm = build_parametric_map(rg1, _heatmap(), inference_result())
     assert pm.SOPClassUID == PARAMETRIC_MAP_STORAGE
     assert (pm.Rows, pm.Columns, pm.NumberOfFrames) == (rg1.Rows, rg1.Columns, 1)
     assert (pm.BitsAllocated, pm.PixelRepresentation) == (16, 0)
@@ -101,7 +69,7 @@ def test_map_lies_on_the_source_grid_in_the_source_study(rg1: pydicom.Dataset) -
 
 
 def test_real_world_mapping_is_class_activation_scaled_by_the_maximum(rg1: pydicom.Dataset) -> None:
-    pm = build_parametric_map(rg1, _heatmap(), _result())
+    pm = build_parametric_map(rg1, _heatmap(), inference_result())
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == (
@@ -115,8 +83,8 @@ def test_real_world_mapping_is_class_activation_scaled_by_the_maximum(rg1: pydic
 
 def test_raw_and_normalised_heatmaps_give_the_same_map(rg1: pydicom.Dataset) -> None:
     raw = _heatmap(3)
-    a = build_parametric_map(rg1, raw, _result()).pixel_array.astype(int)
-    b = build_parametric_map(rg1, raw / raw.max(), _result()).pixel_array.astype(int)
+    a = build_parametric_map(rg1, raw, inference_result()).pixel_array.astype(int)
+    b = build_parametric_map(rg1, raw / raw.max(), inference_result()).pixel_array.astype(int)
     assert np.abs(a - b).max() <= 1  # float32 rounding at a level's edge, nothing more
     assert a.max() == b.max() == MAP_LEVELS
 
@@ -125,7 +93,7 @@ def test_the_hot_cell_lands_where_it_lies_on_the_source() -> None:
     src = _source("dx_with_imager_spacing")  # 80 x 96
     heat = np.zeros((8, 8), np.float32)
     heat[2, 5] = 2.0  # rows 20..30, columns 60..72 of the source
-    levels = build_parametric_map(src, heat, _result()).pixel_array
+    levels = build_parametric_map(src, heat, inference_result()).pixel_array
     row, col = np.unravel_index(int(np.argmax(levels)), levels.shape)
     assert 20 <= row < 30 and 60 <= col < 72
     assert levels.max() == MAP_LEVELS and levels[0, 0] == 0 and levels[-1, -1] == 0
@@ -134,21 +102,21 @@ def test_the_hot_cell_lands_where_it_lies_on_the_source() -> None:
 def test_a_ramp_stays_monotone_across_columns() -> None:
     src = _source("cr_without_orientation")
     ramp = np.tile(np.linspace(0.0, 5.0, 6, dtype=np.float32), (4, 1))
-    levels = build_parametric_map(src, ramp, _result()).pixel_array.astype(int)
+    levels = build_parametric_map(src, ramp, inference_result()).pixel_array.astype(int)
     assert np.all(np.diff(levels, axis=1) >= 0)
     assert levels[:, 0].max() == 0 and levels[:, -1].min() == MAP_LEVELS
 
 
 def test_no_evidence_is_an_empty_map(rg1: pydicom.Dataset) -> None:
-    pm = build_parametric_map(rg1, _heatmap(), _result(no_evidence=True, heatmap_max=0.0))
+    pm = build_parametric_map(rg1, _heatmap(), inference_result(no_evidence=True, heatmap_max=0.0))
     assert not pm.pixel_array.any()
     assert "NO EVIDENCE" in pm.ImageComments
 
 
 def test_own_frame_of_reference_at_a_nominal_plane(rg1: pydicom.Dataset) -> None:
-    pm = build_parametric_map(rg1, _heatmap(), _result())
+    pm = build_parametric_map(rg1, _heatmap(), inference_result())
     assert "FrameOfReferenceUID" not in rg1
-    assert pm.FrameOfReferenceUID == parametric_map_uids(rg1, _result())[2]
+    assert pm.FrameOfReferenceUID == parametric_map_uids(rg1, inference_result())[2]
     shared = pm.SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     position = pm.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
@@ -161,50 +129,50 @@ def test_own_frame_of_reference_at_a_nominal_plane(rg1: pydicom.Dataset) -> None
 def test_pixel_spacing_comes_from_imager_pixel_spacing() -> None:
     src = _source("dx_with_imager_spacing")
     assert pixel_spacing_mm(src) == (0.15, 0.143)
-    pm = build_parametric_map(src, _heatmap(), _result())
+    pm = build_parametric_map(src, _heatmap(), inference_result())
     spacing = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert [float(v) for v in spacing] == [0.15, 0.143]
 
 
 def test_uids_are_deterministic_and_keyed(rg1: pydicom.Dataset) -> None:
-    a = parametric_map_uids(rg1, _result())
-    assert a == parametric_map_uids(rg1, _result(label="no_finding", class_index=0))
-    assert a[1] != parametric_map_uids(rg1, _result(method="layercam"))[1]
-    assert a[1] != parametric_map_uids(rg1, _result(model_version="1.0.1"))[1]
+    a = parametric_map_uids(rg1, inference_result())
+    assert a == parametric_map_uids(rg1, inference_result(label="no_finding", class_index=0))
+    assert a[1] != parametric_map_uids(rg1, inference_result(method="layercam"))[1]
+    assert a[1] != parametric_map_uids(rg1, inference_result(model_version="1.0.1"))[1]
     other = copy.deepcopy(rg1)
     other.SOPInstanceUID = "1.2.3.4"
-    b = parametric_map_uids(other, _result())
+    b = parametric_map_uids(other, inference_result())
     assert b[0] == a[0] and b[1] != a[1] and b[2] != a[2]  # one series per source series; own plane per image
     assert len(set(a)) == 3 and all(len(u) <= 64 for u in a)
-    assert build_parametric_map(rg1, _heatmap(), _result()).SOPInstanceUID == a[1]
+    assert build_parametric_map(rg1, _heatmap(), inference_result()).SOPInstanceUID == a[1]
 
 
 def test_source_is_not_mutated(rg1: pydicom.Dataset) -> None:
     before = rg1.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _: "")
-    build_parametric_map(rg1, _heatmap(), _result())
+    build_parametric_map(rg1, _heatmap(), inference_result())
     assert rg1.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _: "") == before
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 2, 2)), np.zeros((0, 3)), np.full((3, 3), np.nan)])
 def test_rejects_bad_heatmaps(rg1: pydicom.Dataset, bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="heatmap"):
-        build_parametric_map(rg1, bad, _result())
+        build_parametric_map(rg1, bad, inference_result())
 
 
 def test_a_header_that_cannot_be_copied_is_a_named_error() -> None:
     src = _source("cr_without_orientation")
     del src.StudyInstanceUID
     with pytest.raises(ParametricMapError):
-        build_parametric_map(src, _heatmap(), _result())
+        build_parametric_map(src, _heatmap(), inference_result())
 
 
 @requires_dciodvfy
 @pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
-@pytest.mark.parametrize("kind", SOURCES)
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_written_map_validates_and_reads_back(kind: str, transfer_syntax: str, tmp_path: Path) -> None:
     src = _source(kind)
     heat = _heatmap(7)
-    pm = build_parametric_map(src, heat, _result(), transfer_syntax_uid=transfer_syntax)
+    pm = build_parametric_map(src, heat, inference_result(), transfer_syntax_uid=transfer_syntax)
     expected = _real_world(pm) if transfer_syntax == ExplicitVRLittleEndian else None
     path = tmp_path / "pm.dcm"
     pm.save_as(path, enforce_file_format=True)
@@ -220,5 +188,5 @@ def test_written_map_validates_and_reads_back(kind: str, transfer_syntax: str, t
     if expected is not None:
         np.testing.assert_allclose(values, expected)
     # The same map whichever syntax carries it: lossless compression changes nothing.
-    reference = build_parametric_map(src, heat, _result()).pixel_array
+    reference = build_parametric_map(src, heat, inference_result()).pixel_array
     np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, reference)

@@ -4,15 +4,12 @@ dsrdump, read back by highdicom."""
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -32,21 +29,15 @@ from dicom_node.outputs.structured_report import (
     build_structured_report,
     structured_report_uids,
 )
-from dicom_node.peers.synthetic_cr import make_cr_dataset
-from tests.support.dicom_tools import dciodvfy_errors, requires_dciodvfy
-
-PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
-requires_pixelmed = pytest.mark.skipif(
-    shutil.which("java") is None or not PIXELMED_JAR.is_file(),
-    reason="PixelMed's SR validator (Debian package pixelmed-apps) is not installed",
+from tests.support.dicom_tools import (
+    dciodvfy_errors,
+    dsrdump,
+    pixelmed_sr_errors,
+    requires_dciodvfy,
+    requires_dsrdump,
+    requires_pixelmed,
 )
-requires_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk's dsrdump is not installed")
-# PixelMed's compiled XSLT exceeds the XPath operator limits that JDK 17 sets by default.
-_JAVA_XPATH_LIMITS_OFF = [
-    "-Djdk.xml.xpathExprOpLimit=0",
-    "-Djdk.xml.xpathExprGrpLimit=0",
-    "-Djdk.xml.xpathTotalOpLimit=0",
-]
+from tests.support.outputs import SOURCE_KINDS, inference_result, source_radiograph
 
 EVIDENCE = {
     "lungs": 0.31,
@@ -60,64 +51,9 @@ EVIDENCE = {
 }
 
 
-def pixelmed_sr_errors(path: Path) -> list[str]:
-    """The error lines of PixelMed's DicomSRValidator (IOD, templates and context groups) for a file."""
-    proc = subprocess.run(
-        [
-            "java",
-            *_JAVA_XPATH_LIMITS_OFF,
-            "-cp",
-            str(PIXELMED_JAR),
-            "com.pixelmed.validate.DicomSRValidator",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    output = proc.stdout + proc.stderr
-    assert "IOD validation complete" in output, output  # the validator ran to the end
-    return [line for line in output.splitlines() if line.startswith("Error")]
-
-
-def _result(**kw: object) -> InferenceResult:
-    base = dict(
-        label="focal_opacity",
-        class_index=1,
-        probabilities={"no_finding": 0.2, "focal_opacity": 0.8},
-        method="gradcam",
-        model_id="cxr-lens-demo-cnn",
-        model_version="1.0.0",
-        is_demo=True,
-        heatmap_max=3.5,
-        no_evidence=False,
-    )
-    base.update(kw)
-    return InferenceResult(**base)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def rg1() -> pydicom.Dataset:
-    return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-
-
-def _source(kind: str) -> pydicom.Dataset:
-    """Sources covering the header gaps of real radiographs (RG1: MONOCHROME1, no Imager Pixel Spacing)."""
-    if kind == "rg1":
-        return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    if kind == "cr_without_orientation":
-        ds = make_cr_dataset(rows=64, cols=60)
-        del ds.PatientOrientation
-        return ds
-    if kind == "cr_monochrome1_empty_orientation":
-        ds = make_cr_dataset(rows=64, cols=60, photometric="MONOCHROME1")
-        ds.PatientOrientation = ""
-        return ds
-    if kind == "dx_with_imager_spacing":
-        ds = make_cr_dataset(rows=64, cols=60, modality="DX")
-        ds.ImagerPixelSpacing = [0.15, 0.143]
-        return ds
-    raise ValueError(kind)
+    return source_radiograph("rg1")
 
 
 def _outputs(source: pydicom.Dataset, result: InferenceResult) -> tuple[InstanceReference, InstanceReference]:
@@ -156,7 +92,7 @@ def _same(code: hd.sr.CodedConcept, expected: Code) -> bool:
 
 
 def test_report_in_the_source_study_labelled_as_a_demo(rg1: pydicom.Dataset) -> None:
-    sr = _report(rg1, _result())
+    sr = _report(rg1, inference_result())
     assert sr.SOPClassUID == COMPREHENSIVE_3D_SR_STORAGE and sr.Modality == "SR"
     for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate"):
         assert str(sr[keyword].value) == str(rg1[keyword].value), keyword
@@ -172,7 +108,7 @@ def test_report_in_the_source_study_labelled_as_a_demo(rg1: pydicom.Dataset) -> 
 
 
 def test_group_holds_the_finding_probabilities_algorithm_and_site(rg1: pydicom.Dataset) -> None:
-    result = _result(probabilities={"no_finding": 0.125, "focal_opacity": 0.875})
+    result = inference_result(probabilities={"no_finding": 0.125, "focal_opacity": 0.875})
     group = _group(_report(rg1, result))
     assert _same(group.finding_type, DEMO_LABEL_CODES["focal_opacity"])
     assert [_same(site.value, codes.SCT.Lung) for site in group.finding_sites] == [True]
@@ -191,7 +127,7 @@ def test_group_holds_the_finding_probabilities_algorithm_and_site(rg1: pydicom.D
 
 
 def test_procedure_reported_is_a_cid_100_imaging_procedure(rg1: pydicom.Dataset) -> None:
-    sr = _report(rg1, _result())
+    sr = _report(rg1, inference_result())
     procedures = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert [
         (p.ConceptCodeSequence[0].CodeValue, p.ConceptCodeSequence[0].CodingSchemeDesignator) for p in procedures
@@ -199,7 +135,7 @@ def test_procedure_reported_is_a_cid_100_imaging_procedure(rg1: pydicom.Dataset)
 
 
 def test_references_the_source_overlay_and_map(rg1: pydicom.Dataset) -> None:
-    result = _result()
+    result = inference_result()
     sc, pm = _outputs(rg1, result)
     sr = build_structured_report(rg1, result, secondary_capture=sc, parametric_map=pm)
     group = _group(sr)
@@ -216,15 +152,15 @@ def test_references_the_source_overlay_and_map(rg1: pydicom.Dataset) -> None:
 
 
 def test_only_the_outputs_given_are_referenced(rg1: pydicom.Dataset) -> None:
-    sr = build_structured_report(rg1, _result())
+    sr = build_structured_report(rg1, inference_result())
     assert set(_images(_group(sr))) == {"Source of Measurement"}
     assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence) == 1
 
 
 def test_trust_evidence_adds_lung_share_verdict_and_reasons(rg1: pydicom.Dataset) -> None:
-    without = _group(_report(rg1, _result()))
+    without = _group(_report(rg1, inference_result()))
     assert without.get_measurements(LUNG_SHARE) == [] and without.get_qualitative_evaluations(TRUST_VERDICT) == []
-    group = _group(_report(rg1, _result(), evidence=EVIDENCE))
+    group = _group(_report(rg1, inference_result(), evidence=EVIDENCE))
     [share] = group.get_measurements(LUNG_SHARE)
     assert share.value == pytest.approx(EVIDENCE["lungs"])
     [verdict] = group.get_qualitative_evaluations(TRUST_VERDICT)
@@ -235,7 +171,7 @@ def test_trust_evidence_adds_lung_share_verdict_and_reasons(rg1: pydicom.Dataset
 
 def test_label_codes_from_config_win_and_unknown_labels_get_private_codes(rg1: pydicom.Dataset) -> None:
     configured = {"focal_opacity": Code("123456789", "SCT", "Configured finding")}
-    result = _result(probabilities={"focal_opacity": 0.7, "no_finding": 0.2, "rib_fracture": 0.1})
+    result = inference_result(probabilities={"focal_opacity": 0.7, "no_finding": 0.2, "rib_fracture": 0.1})
     group = _group(_report(rg1, result, label_codes=configured))
     assert _same(group.finding_type, configured["focal_opacity"])
     codes_by_meaning = {m.name.meaning: m.name for m in group.get_measurements()}
@@ -245,7 +181,7 @@ def test_label_codes_from_config_win_and_unknown_labels_get_private_codes(rg1: p
 
 
 def test_other_cam_methods_are_class_activation_named_in_the_parameters(rg1: pydicom.Dataset) -> None:
-    group = _group(_report(rg1, _result(method="layercam")))
+    group = _group(_report(rg1, inference_result(method="layercam")))
     [explanation] = group.get_qualitative_evaluations(codes.DCM.VisualExplanation)
     assert _same(explanation.value, codes.DCM.ClassActivation)
     parameters = [i.value for i in group[0].ContentSequence if i.name.meaning == "Algorithm Parameters"]
@@ -271,7 +207,7 @@ def test_other_cam_methods_are_class_activation_named_in_the_parameters(rg1: pyd
     ],
 )
 def test_image_library_describes_only_what_the_source_states(kind: str, expected: dict[str, object]) -> None:
-    sr = build_structured_report(_source(kind), _result())
+    sr = build_structured_report(source_radiograph(kind), inference_result())
     library = hd.sr.Comprehensive3DSR.from_dataset(sr).content[0].ContentSequence
     [entry] = hd.sr.utils.find_content_items(library[-2], value_type=hd.sr.ValueTypeValues.IMAGE, recursive=True)
     projection = {
@@ -286,40 +222,38 @@ def test_image_library_describes_only_what_the_source_states(kind: str, expected
 
 
 def test_uids_are_deterministic_and_keyed(rg1: pydicom.Dataset) -> None:
-    a = structured_report_uids(rg1, _result())
-    assert a == structured_report_uids(rg1, _result(label="no_finding", class_index=0))
-    assert a[1] != structured_report_uids(rg1, _result(method="layercam"))[1]
-    assert a[1] != structured_report_uids(rg1, _result(model_version="1.0.1"))[1]
+    a = structured_report_uids(rg1, inference_result())
+    assert a == structured_report_uids(rg1, inference_result(label="no_finding", class_index=0))
+    assert a[1] != structured_report_uids(rg1, inference_result(method="layercam"))[1]
+    assert a[1] != structured_report_uids(rg1, inference_result(model_version="1.0.1"))[1]
     other = copy.deepcopy(rg1)
     other.SOPInstanceUID = "1.2.3.4"
-    assert structured_report_uids(other, _result())[0] == a[0]
-    assert structured_report_uids(other, _result())[1] != a[1]
-    assert build_structured_report(rg1, _result()).SOPInstanceUID == a[1]
+    assert structured_report_uids(other, inference_result())[0] == a[0]
+    assert structured_report_uids(other, inference_result())[1] != a[1]
+    assert build_structured_report(rg1, inference_result()).SOPInstanceUID == a[1]
 
 
 def test_source_is_not_mutated(rg1: pydicom.Dataset) -> None:
     before = rg1.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _: "")
-    _report(rg1, _result(), evidence=EVIDENCE)
+    _report(rg1, inference_result(), evidence=EVIDENCE)
     assert rg1.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _: "") == before
 
 
 def test_a_header_that_cannot_be_copied_is_a_named_error() -> None:
-    src = _source("cr_without_orientation")
+    src = source_radiograph("cr_without_orientation")
     del src.PatientID
     with pytest.raises(StructuredReportError):
-        build_structured_report(src, _result())
+        build_structured_report(src, inference_result())
 
 
 @requires_dciodvfy
 @requires_pixelmed
 @requires_dsrdump
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind", ["rg1", "cr_without_orientation", "cr_monochrome1_empty_orientation", "dx_with_imager_spacing"]
-)
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_written_report_validates_dumps_and_reads_back(kind: str, tmp_path: Path) -> None:
-    src = _source(kind)
-    result = _result(probabilities={"no_finding": 0.375, "focal_opacity": 0.625})
+    src = source_radiograph(kind)
+    result = inference_result(probabilities={"no_finding": 0.375, "focal_opacity": 0.625})
     sc, pm = _outputs(src, result)
     path = tmp_path / "sr.dcm"
     build_structured_report(src, result, secondary_capture=sc, parametric_map=pm, evidence=EVIDENCE).save_as(
@@ -327,7 +261,7 @@ def test_written_report_validates_dumps_and_reads_back(kind: str, tmp_path: Path
     )
     assert dciodvfy_errors(path) == []
     assert pixelmed_sr_errors(path) == []
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    dump = dsrdump(path)
     assert dump.returncode == 0, dump.stderr
     for line in (
         '<CONTAINER:(,,"Imaging Measurement Report")',
@@ -353,7 +287,7 @@ def test_written_report_validates_dumps_and_reads_back(kind: str, tmp_path: Path
 @pytest.mark.slow
 def test_pixelmed_flags_a_procedure_outside_cid_100(rg1: pydicom.Dataset, tmp_path: Path) -> None:
     """The judge can fail: LOINC "XR Chest 2V" (the ORU's procedure) is not in CID 100."""
-    sr = build_structured_report(rg1, _result())
+    sr = build_structured_report(rg1, inference_result())
     [procedure] = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
     concept = procedure.ConceptCodeSequence[0]
     concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "36643-5", "LN", "XR Chest 2V"
