@@ -703,8 +703,6 @@ def test_ingest_and_worker_ride_out_a_database_outage(own_cluster: PostgresClust
 
 
 @needs_postgres()
-@pytest.mark.xfail(strict=True, reason="OutboxSender.run_forever computes its next wait (outbox.head) outside its "
-                   "try: a failed read ends the sender thread (dicom_node/deliver/sender.py)")
 def test_a_sender_rides_out_a_database_outage(own_cluster: PostgresCluster, sink: DicomSink,
                                               tmp_path: Path) -> None:
     url = own_cluster.database()

@@ -100,11 +100,13 @@ class OutboxSender(ABC):
     def run_forever(self, stop_event: threading.Event) -> None:
         """Deliver until ``stop_event`` is set; wakes at once on :meth:`wake`, else when the first head is due."""
         while not stop_event.is_set():
+            wait = self._poll_s
             try:
                 self.run_once()
-            except Exception:  # noqa: BLE001 (a sender bug must not end delivery; the item stays in the outbox)
+                wait = self._seconds_to_next_due()
+            except Exception:  # noqa: BLE001 (a sender bug or a storage outage must not end delivery; items stay)
                 logger.exception("%s sender loop error", self.channel)
-            self._wake.wait(self._seconds_to_next_due())
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _seconds_to_next_due(self) -> float:
