@@ -33,7 +33,8 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from dicom_node.deliver.sender import Disposition, OutboxSender, Outcome
 from dicom_node.ops.metrics import Metrics
 from dicom_node.settings import DestinationSettings
-from dicom_node.storage.outbox import Outbox, OutboxItem
+from dicom_node.storage.backend import OutboxStore
+from dicom_node.storage.outbox import OutboxItem
 from dicom_node.storage.spool import uid_hash
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class DicomSender(OutboxSender):
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: OutboxStore,
         destinations: Iterable[DestinationSettings],
         *,
         ae_title: str,

@@ -14,7 +14,8 @@ from dicom_node.deliver.mllp import ENCODING, Ack, MLLPError, message_control_id
 from dicom_node.deliver.sender import OutboxSender, Outcome
 from dicom_node.ops.metrics import Metrics
 from dicom_node.settings import HL7Settings
-from dicom_node.storage.outbox import Outbox, OutboxItem
+from dicom_node.storage.backend import OutboxStore
+from dicom_node.storage.outbox import OutboxItem
 
 CHANNEL = "hl7"
 IDLE_POLL_S = 0.5  # how often an idle sender looks for items it was not woken for (another process's)
@@ -23,7 +24,7 @@ SendFunction = Callable[..., Ack]
 
 
 class HL7Sender(OutboxSender):
-    """Sends the ``hl7`` items of one destination (``settings.host:settings.port``) from an :class:`Outbox`.
+    """Sends the ``hl7`` items of one destination (``settings.host:settings.port``) from an outbox.
 
     Over TLS when ``settings.tls.enabled`` (or when ``ssl_context`` is given, which takes precedence).
     """
@@ -32,7 +33,7 @@ class HL7Sender(OutboxSender):
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: OutboxStore,
         settings: HL7Settings,
         *,
         ssl_context: ssl.SSLContext | None = None,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dicom_node.ops.metrics import DeliveryCounters, Metrics
-from dicom_node.storage.outbox import Outbox, OutboxItem, backoff_delay
+from dicom_node.storage.backend import OutboxStore
+from dicom_node.storage.outbox import OutboxItem, backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class OutboxSender(ABC):
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: OutboxStore,
         *,
         retry_initial_s: float,
         retry_max_s: float,

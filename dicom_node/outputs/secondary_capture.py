@@ -97,12 +97,12 @@ def build_secondary_capture(source: Dataset, overlay_rgb: np.ndarray, result: In
         # highdicom's and pydicom's messages quote the offending value, which may be patient data: type only.
         raise SecondaryCaptureError(f"the source header cannot be copied into an SC ({type(exc).__name__})") from exc
     if not (orientation and len(orientation) == 2):
-        sc.PatientOrientation = ""
+        sc.PatientOrientation = ""  # type: ignore[assignment]  # pydicom types it as a list; empty is ""
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"  # workstation: a rendered derived image, not a digitised film
     sc.ManufacturerModelName = NODE_MODEL_NAME
-    sc.SoftwareVersions = [software_version(), f"{result.model_id} {result.model_version}"[:64]]
+    sc.SoftwareVersions = [software_version(), f"{result.model_id} {result.model_version}"[:64]]  # type: ignore[assignment]
     sc.SeriesDescription = series_description(result)
     derivation = (
         f"{result.method} heatmap over the source radiograph; predicted {result.label} "

@@ -323,6 +323,6 @@ def build_structured_report(
         message = f"the source header cannot make a Structured Report ({type(exc).__name__})"
         raise StructuredReportError(message) from exc
     sr.ManufacturerModelName = NODE_MODEL_NAME
-    sr.SoftwareVersions = [software_version(), f"{result.model_id} {result.model_version}"[:64]]
+    sr.SoftwareVersions = [software_version(), f"{result.model_id} {result.model_version}"[:64]]  # type: ignore[assignment]
     sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
     return sr

@@ -18,8 +18,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -68,7 +70,8 @@ class DicomSink:
         self._ae = AE(ae_title=ae_title)
         self._ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            self._ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                self._ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 
     @property
     def port(self) -> int:
@@ -86,7 +89,7 @@ class DicomSink:
         if self._server is not None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self._server = start_server(self._ae, (self.host, self._requested_port), self._policy, handlers)
         self._requested_port = self.port
         logger.info("DICOM sink %s listening on %s:%d%s", self.ae_title, self.host, self.port,
@@ -111,7 +114,7 @@ class DicomSink:
         if self.refuse_with is not None:
             return self.refuse_with
         data = event.encoded_dataset()
-        req = event.request
+        req = cast(C_STORE, event.request)
         uid = str(req.AffectedSOPInstanceUID)
         # UIDs come from the peer: use one as a file name only when it is a plain UID.
         name = uid if _UID_RE.match(uid) else hashlib.sha256(uid.encode()).hexdigest()

@@ -196,7 +196,7 @@ class _PduLengthGuard(AssociationSocket):
         # slot of node.max_associations; a connection that closes (a port probe) or is aborted here would hold
         # it that long. An empty item is what that wait returns on timeout: the association ends now.
         if self.assoc.requestor.primitive is None:
-            self.assoc.dul.to_user_queue.put(None)
+            self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # what pynetdicom's own wait returns
 
     def _abort(self, pdu_type: int, length: int, limit: int) -> None:
         peer = self.assoc.requestor.address
@@ -266,7 +266,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, policy: AcceptPolicy, **kwargs: Any) -> None:
         self.policy = policy
-        super().__init__(*args, request_handler=_GuardedRequestHandler, **kwargs)
+        super().__init__(*args, request_handler=_GuardedRequestHandler, **kwargs)  # type: ignore[misc]
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """socketserver's hook, in the accept loop: a refused peer's socket is closed before anything is read."""
@@ -293,7 +293,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def _on_rejected(event: Event, policy: AcceptPolicy) -> None:
     """``evt.EVT_REJECTED``: log and count every A-ASSOCIATE-RJ we send."""
     rsp = event.assoc.acceptor.primitive
-    key = (int(rsp.result), int(rsp.result_source), int(rsp.diagnostic)) if rsp is not None else (0, 0, 0)
+    key = (0, 0, 0) if rsp is None else (int(rsp.result or 0), int(rsp.result_source or 0), int(rsp.diagnostic or 0))
     calling = str(event.assoc.requestor.ae_title or "").strip()
     policy.refuse(
         REJECT_REFUSAL.get(key, Refusal.OTHER), event.assoc.requestor.address,

@@ -99,7 +99,7 @@ class JobQueue:
                     (spool_key, now, calling_ae, now, uid_hash),
                 )
                 self._work.notify_all()
-                return int(cur.lastrowid), True
+                return int(cur.lastrowid or 0), True  # always set by an INSERT
             job_id, state = row
             if state == JobState.FAILED:
                 self._db.execute(

@@ -86,7 +86,7 @@ class Outbox:
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (channel, destination, dedup_key, payload, now, now, now),
                 )
-                return int(cur.lastrowid)
+                return int(cur.lastrowid or 0)  # always set by an INSERT
             item_id, state = row
             if resend and state != "pending":
                 self._db.execute(
