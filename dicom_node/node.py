@@ -7,23 +7,27 @@ SCP first (no new input), then the worker finishes its batch, then the senders, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from pydicom import Dataset
+from typing_extensions import Buffer
 
 from dicom_node.deliver.dicom import DicomSender
 from dicom_node.deliver.hl7 import HL7Sender
 from dicom_node.ops.metrics import Metrics, MetricsServer
+from dicom_node.process.processes import ModelParts, ProcessMetrics, StageContext, WorkerProcess, resolve_processes
 from dicom_node.process.processor import Processor, ProcessorStages, load_processor
 from dicom_node.process.rules import evaluate, load_rules
 from dicom_node.process.worker import JobOutcome, Stages, Worker
 from dicom_node.receive.scp import RulesCheck, StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.startup import freeze_heap
-from dicom_node.storage.backend import JobStore, OutboxStore, open_job_store, open_storage
+from dicom_node.storage.backend import JobStore, OutboxStore, open_job_store, open_outbox_store, open_storage
 from dicom_node.storage.jobs import Job
 from dicom_node.storage.spool import Spool
 
@@ -60,6 +64,7 @@ class Node:
         warm_up: Callable[[Callable[[], bool]], None] | None = None,
         owned: Sequence[JobStore | OutboxStore] = (),
         role: str = "all",
+        worker: WorkerProcess | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
@@ -74,8 +79,9 @@ class Node:
         self.hl7_sender = hl7_sender
         self.scp = StorageSCP(settings.node, self.spool, self.queue, rules_check=rules_check, metrics=self.metrics)
         work = settings.worker
-        # pipelined = false: one thread per stage, and no batch claimed before the model is done with the last
-        self.worker = Worker(
+        # pipelined = false: one thread per stage, and no batch claimed before the model is done with the last.
+        # ``worker``: the processing side in child processes instead (worker.processes, see compose()).
+        self.worker: Worker | WorkerProcess = worker if worker is not None else Worker(
             self.queue, self.spool, stages, batch_size=work.batch_size, batch_wait_ms=work.batch_wait_ms,
             decode_threads=work.decode_threads if work.pipelined else 1,
             output_threads=work.output_threads if work.pipelined else 1,
@@ -194,7 +200,7 @@ class Node:
 class _NoStages:
     """The stages of a node whose role runs no worker (ingest, sender): it loads no model, and nothing calls them."""
 
-    def prepare(self, job: Job, data: bytes) -> Any:
+    def prepare(self, job: Job, data: Buffer) -> Any:
         raise RuntimeError(f"no worker in this node (job {job.id})")
 
     def infer(self, items: Sequence[Any]) -> Sequence[Any]:
@@ -208,21 +214,25 @@ def compose(settings: Settings, processor: Processor | None = None, *, role: str
     """Build the node of a role from settings: model (worker), rules, stores, senders, SCP. Nothing starts yet."""
     if role not in ROLES:
         raise ValueError(f"role {role!r}: expected one of {', '.join(ROLES)}")
-    if processor is None and role in ("all", "worker"):
+    # worker.processes: the model and the stages in child processes, which load and build them themselves
+    processes = resolve_processes(settings.worker.processes) if role in ("all", "worker") and not processor else 0
+    if processor is None and role in ("all", "worker") and not processes:
         processor = load_processor(settings)
         freeze_heap()
     rules = processor.rules if processor is not None else load_rules(settings.rules_file)
     jobs, outbox = open_storage(settings, role=role)
-    metrics = Metrics()  # one registry for the node and its senders
-    dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
-                               max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
-                               retry_max_s=settings.node.retry_max_s, metrics=metrics)
-    hl7_sender = HL7Sender(outbox, settings.hl7, metrics=metrics) if settings.hl7.enabled else None
+    metrics = ProcessMetrics() if processes else Metrics()  # one registry for the node and its senders
+    dicom_sender, hl7_sender = _senders(settings, outbox, metrics)
 
     def rules_check(ds: Dataset) -> tuple[bool, str | None, str]:
         verdict = evaluate(ds, rules)
         return verdict.eligible, verdict.rule, verdict.reason
 
+    if processes:
+        worker = WorkerProcess(partial(_model_parts, settings), processes=processes, queue_=jobs,
+                               metrics=metrics if isinstance(metrics, ProcessMetrics) else None)
+        return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
+                    metrics=metrics, queue=jobs, owned=(jobs, outbox), role=role, stages=_NoStages(), worker=worker)
     if processor is None:
         return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check,
                     metrics=metrics, queue=jobs, owned=(jobs, outbox), role=role, stages=_NoStages())
@@ -235,3 +245,41 @@ def compose(settings: Settings, processor: Processor | None = None, *, role: str
     return Node(settings, dicom_sender=dicom_sender, hl7_sender=hl7_sender, rules_check=rules_check, metrics=metrics,
                 warm_up=warm_up if settings.worker.warm_up else None, queue=jobs, owned=(jobs, outbox), role=role,
                 stages=ProcessorStages(processor, dicom_sender, hl7_sender, metrics))
+
+
+def _senders(settings: Settings, outbox: OutboxStore, metrics: Metrics) -> tuple[DicomSender, HL7Sender | None]:
+    dicom_sender = DicomSender(outbox, settings.destinations, ae_title=settings.node.ae_title,
+                               max_pdu=settings.node.max_pdu, retry_initial_s=settings.node.retry_initial_s,
+                               retry_max_s=settings.node.retry_max_s, metrics=metrics)
+    hl7_sender = HL7Sender(outbox, settings.hl7, metrics=metrics) if settings.hl7.enabled else None
+    return dicom_sender, hl7_sender
+
+
+def _model_parts(settings: Settings) -> ModelParts:
+    """In the model process (worker.processes): the model, the stages that run it, and how each stage process
+    builds its own stages (without the network: what the outputs name of the model travels instead)."""
+    processor = load_processor(settings)
+    freeze_heap()
+    metrics = Metrics()
+
+    def warm_up(should_stop: Callable[[], bool]) -> None:
+        processor.warm_up(settings.worker.batch_size, should_stop)
+        freeze_heap()
+
+    described = dataclasses.replace(processor.model, network=None)
+    return ModelParts(
+        stages=ProcessorStages(processor, None, None, metrics),  # only its infer runs here
+        spool=Spool(settings.node.spool_dir), queue=open_job_store(settings.storage, settings.node.spool_dir),
+        metrics=metrics, worker=settings.worker, warm_up=warm_up if settings.worker.warm_up else None,
+        stage_context=partial(_stage_context, settings, described),
+    )
+
+
+def _stage_context(settings: Settings, model: Any) -> StageContext:
+    """In a stage process: the processor's prepare and outputs, with this process's own outbox and queue."""
+    spool_dir = settings.node.spool_dir
+    metrics = Metrics()
+    dicom_sender, hl7_sender = _senders(settings, open_outbox_store(settings.storage, spool_dir), metrics)
+    processor = Processor(settings, model, load_rules(settings.rules_file))
+    return StageContext(ProcessorStages(processor, dicom_sender, hl7_sender, metrics), Spool(spool_dir),
+                        open_job_store(settings.storage, spool_dir), metrics)

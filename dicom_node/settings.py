@@ -13,7 +13,7 @@ import ipaddress
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -150,6 +150,10 @@ class WorkerSettings(_Section):
     pipelined: bool = True
     decode_threads: int = Field(2, ge=1, le=64)
     output_threads: int = Field(2, ge=1, le=64)
+    # 0: one process (decode and output threads as above). N: receiving and sending stay in the node's process,
+    # the model runs in a child process, and N more decode, render and build outputs (process/processes.py).
+    # "auto": 0 on up to two cores, else the cores less two.
+    processes: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = 0
     # Trace the model pass for every batch-size bucket up to batch_size at start, before the first job (seconds
     # for InceptionV3), instead of stalling the first partial batch of each size under load.
     warm_up: bool = True

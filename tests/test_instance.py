@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import struct
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_read_file_gives_the_header_and_the_pixel_data_in_place(name: str) -> No
     assert [e.tag for e in instance.header] == [e.tag for e in full if e.tag < 0x7FE00010]
     if full.file_meta.TransferSyntaxUID != "1.2.840.10008.1.2.1.99":  # deflated: a view of the inflated copy
         assert instance.pixel_data.obj is data  # a view of the caller's buffer, not a copy
+    # The header holds no reference to the buffer: it pickles (a stage process sends it on) and lets a mapping go.
+    assert pickle.loads(pickle.dumps(instance.header)) == instance.header
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -75,6 +75,9 @@ def read_file(buffer: Buffer) -> Instance:
     view = memoryview(buffer).cast("B")
     reader = BufferReader(view)
     header = pydicom.dcmread(reader, stop_before_pixels=True)
+    # pydicom keeps the file object to read deferred values from; nothing is deferred here, and the header must
+    # not keep the caller's buffer (a mapped file) alive, nor fail to pickle because of it.
+    header.buffer, header.fileobj_type = None, None
     transfer_syntax = header.file_meta.get("TransferSyntaxUID")
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         full = pydicom.dcmread(BufferReader(view))

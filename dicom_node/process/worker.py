@@ -9,11 +9,17 @@
   output pool     ``finish`` builds the outputs, enqueues them durably and returns the job's outcome; at most
                   ``2 x batch_size`` items wait there.
 
+The two pools are a :class:`StageRunner`: threads of this process (:class:`ThreadStageRunner`, the default), or
+processes (``worker.processes``, :class:`~dicom_node.process.processes.StagePool`) that run the same
+:func:`prepare_job` and :func:`finish_job` on their own copy of the stages, while the feeder and the model thread
+stay here with the model.
+
 With ``decode_threads=1, output_threads=1, prefetch=0`` the same code is the sequential worker: the next batch
 is claimed only once the model is done with the one in hand. :class:`Stages` is the worker's only contract with
 the processor. A stage that raises fails only the jobs in hand, with a reason (:func:`failure_reason`); the
 threads go on. On stop, jobs claimed but not yet finished stay in state ``processing`` and are requeued at the
-next start, like a crash.
+next start, like a crash; so do they when a stage process dies (the runner is then broken: the worker stops and
+says so through ``on_runner_lost``).
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from typing_extensions import Buffer
 
 from dicom_node.errors import CxrLensError
 from dicom_node.ops.metrics import Metrics
-from dicom_node.storage.jobs import Job, JobQueue, JobState
+from dicom_node.storage.backend import JobStore
+from dicom_node.storage.jobs import Job, JobState
 from dicom_node.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -86,6 +94,79 @@ def _checked(job: Job, outcome: JobOutcome) -> JobOutcome:
     return outcome
 
 
+def failed_outcomes(stage: str, jobs: Sequence[Job], exc: BaseException) -> list[JobOutcome]:
+    """The one place where an exception becomes failed outcomes; the log names only the exception's type."""
+    logger.error("%s failed for job(s) %s: %s", stage, [j.id for j in jobs], type(exc).__name__)
+    # Where it failed, without the message (it may quote the data set).
+    logger.debug("%s failed at:\n%s", stage, "".join(traceback.format_tb(exc.__traceback__)))
+    reason = failure_reason(exc)
+    return [JobOutcome(job.id, JobState.FAILED, reason=reason) for job in jobs]
+
+
+def prepare_job(stages: Stages, spool: Spool, queue_: JobStore, job: Job) -> Any:
+    """Count the job's attempt, then ``prepare`` it from its spooled file read in place; the item for ``infer``,
+    or a final outcome (a failure among them). Runs on the decode pool, a thread or a process."""
+    try:
+        queue_.begin_attempt(job.id)
+        with spool.mapped(job.spool_key) as data:
+            item = stages.prepare(job, data)
+        spool.evict(job.spool_key)
+        return _checked(job, item) if isinstance(item, JobOutcome) else item
+    except Exception as exc:  # noqa: BLE001 (one image's failure must not take the batch down)
+        return failed_outcomes("prepare", [job], exc)[0]
+
+
+def finish_job(stages: Stages, job: Job, item: Any, result: Any) -> JobOutcome:
+    """``finish`` one job (its outputs stored in the outbox) and return its outcome; a failure fails it alone."""
+    try:
+        return _checked(job, stages.finish(job, item, result))
+    except Exception as exc:  # noqa: BLE001 (fail this job only)
+        return failed_outcomes("finish", [job], exc)[0]
+
+
+class StageRunner(Protocol):
+    """Where ``prepare`` and ``finish`` run for the worker: each call returns at once with a future."""
+
+    def prepare(self, job: Job) -> Future[Any]:
+        """:func:`prepare_job` for ``job``: an item for ``infer`` or a final :class:`JobOutcome`."""
+
+    def finish(self, job: Job, item: Any, result: Any) -> Future[JobOutcome]:
+        """:func:`finish_job` for ``job``."""
+
+    def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
+        """Release the threads or processes (after the work in hand, with ``wait``)."""
+
+
+class ThreadStageRunner:
+    """``prepare`` on a pool of decode threads and ``finish`` on a pool of output threads, in this process."""
+
+    def __init__(
+        self, stages: Stages, spool: Spool, queue_: JobStore, *, decode_threads: int, output_threads: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._stages, self._spool, self._queue, self._metrics = stages, spool, queue_, metrics
+        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="cxr-lens-decode")
+        self._output = ThreadPoolExecutor(output_threads, thread_name_prefix="cxr-lens-output")
+
+    def prepare(self, job: Job) -> Future[Any]:
+        return self._decode.submit(self._timed, "prepare", prepare_job, self._stages, self._spool, self._queue, job)
+
+    def finish(self, job: Job, item: Any, result: Any) -> Future[JobOutcome]:
+        return self._output.submit(self._timed, "output", finish_job, self._stages, job, item, result)
+
+    def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
+        for pool in (self._decode, self._output):
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def _timed(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            if self._metrics is not None:
+                self._metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+
+
 @dataclass
 class _Batch:
     jobs: list[Job]
@@ -103,7 +184,7 @@ class Worker:
 
     def __init__(
         self,
-        queue_: JobQueue,
+        queue_: JobStore,
         spool: Spool,
         stages: Stages,
         *,
@@ -115,7 +196,12 @@ class Worker:
         metrics: Metrics | None = None,
         idle_poll_s: float = 1.0,
         warm_up: Callable[[Callable[[], bool]], None] | None = None,
+        runner: Callable[[], StageRunner] | None = None,
+        on_runner_lost: Callable[[], None] | None = None,
     ) -> None:
+        """``runner`` makes the :class:`StageRunner` at each start (default: :class:`ThreadStageRunner` with
+        ``decode_threads`` and ``output_threads``); ``on_runner_lost`` is called once if it breaks (a stage
+        process died): the worker has stopped then, leaving its jobs claimed."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if decode_threads < 1 or output_threads < 1:
@@ -134,13 +220,15 @@ class Worker:
         self._metrics = metrics
         self._idle_poll_s = idle_poll_s
         self._warm_up = warm_up
+        self._make_runner = runner or self._thread_runner
+        self._on_runner_lost = on_runner_lost
         self._stop = threading.Event()
         self._abandon = threading.Event()  # stop() gave up waiting: drop the work in hand, leave it processing
+        self._lost = threading.Event()  # the runner broke: leave the work in hand claimed, record nothing more
         self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._claim_slots = threading.Semaphore(prefetch + 1)
         self._output_slots = threading.Semaphore(2 * batch_size)
-        self._decode: ThreadPoolExecutor | None = None
-        self._output: ThreadPoolExecutor | None = None
+        self._runner: StageRunner | None = None
         self._feeder: threading.Thread | None = None
         self._model_thread: threading.Thread | None = None
 
@@ -149,12 +237,12 @@ class Worker:
             return
         self._stop.clear()
         self._abandon.clear()
+        self._lost.clear()
         self.model_ready.clear()
         self._batches = queue.SimpleQueue()
         self._claim_slots = threading.Semaphore(self.prefetch + 1)
         self._output_slots = threading.Semaphore(2 * self.batch_size)
-        self._decode = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cxr-lens-decode")
-        self._output = ThreadPoolExecutor(self.output_threads, thread_name_prefix="cxr-lens-output")
+        self._runner = self._make_runner()
         self._model_thread = threading.Thread(target=self._run_model, name="cxr-lens-model", daemon=True)
         self._model_thread.start()
         self._feeder = threading.Thread(target=self._feed, name="cxr-lens-feeder", daemon=True)
@@ -171,20 +259,37 @@ class Worker:
         if self._model_thread is not None:
             self._model_thread.join(max(0.0, deadline - time.monotonic()))
         busy = any(t is not None and t.is_alive() for t in (self._feeder, self._model_thread))
-        if not busy and self._output is not None:
+        if not busy and self._runner is not None and not self._lost.is_set():
             busy = not self._wait_for_outputs(deadline)
         if busy:
             self._abandon.set()
             logger.warning("worker still busy after %.0f s; its jobs resume on the next start", timeout)
-        for pool in (self._decode, self._output):
-            if pool is not None:
-                pool.shutdown(wait=not busy, cancel_futures=busy)
+        if self._runner is not None:
+            self._runner.shutdown(wait=not busy and not self._lost.is_set(), cancel_futures=busy or self._lost.is_set())
         self._feeder = self._model_thread = None
-        self._decode = self._output = None
+        self._runner = None
 
     @property
     def alive(self) -> bool:
         return all(t is not None and t.is_alive() for t in (self._feeder, self._model_thread))
+
+    def _thread_runner(self) -> StageRunner:
+        return ThreadStageRunner(self.stages, self._spool, self._queue, decode_threads=self.decode_threads,
+                                 output_threads=self.output_threads, metrics=self._metrics)
+
+    def _runner_broke(self, exc: BaseException) -> None:
+        """A stage process died: stop where we are; the jobs in hand stay claimed and resume on the next start."""
+        if self._lost.is_set():
+            return
+        self._lost.set()
+        self._abandon.set()
+        self._stop.set()
+        self._queue.wake()
+        self._batches.put(None)
+        logger.error("a stage process died (%s); the jobs in hand resume when processing restarts",
+                     type(exc).__name__)
+        if self._on_runner_lost is not None:
+            self._on_runner_lost()
 
     def _wait_for_outputs(self, deadline: float) -> bool:
         """Wait until no ``finish`` is in flight (all output slots free again) or ``deadline`` passes."""
@@ -209,9 +314,12 @@ class Worker:
             if not jobs:
                 self._claim_slots.release()
                 continue
-            assert self._decode is not None
+            assert self._runner is not None
             try:
-                prepared = [self._decode.submit(self._prepare, job) for job in jobs]
+                prepared = [self._runner.prepare(job) for job in jobs]
+            except BrokenExecutor as exc:
+                self._runner_broke(exc)
+                return
             except RuntimeError:  # the pool was shut down by stop() giving up
                 logger.info("stopping: job(s) %s stay claimed until the next start", [j.id for j in jobs])
                 return
@@ -252,22 +360,8 @@ class Worker:
 
     def _claim(self, max_n: int) -> list[Job]:
         # A job claimed ahead counts an attempt (towards failing a job that keeps crashing the process) only
-        # once its preparation starts, see _prepare.
+        # once its preparation starts, see prepare_job.
         return self._queue.claim_batch(max_n, count_attempt=False)
-
-    # Decode pool.
-    def _prepare(self, job: Job) -> Any:
-        started = time.perf_counter()
-        try:
-            self._queue.begin_attempt(job.id)
-            with self._spool.mapped(job.spool_key) as data:
-                item = self.stages.prepare(job, data)
-            self._spool.evict(job.spool_key)
-            return _checked(job, item) if isinstance(item, JobOutcome) else item
-        except Exception as exc:  # noqa: BLE001 (one image's failure must not take the batch down)
-            return self._failed("prepare", [job], exc)[0]
-        finally:
-            self._observe("prepare", started)
 
     # Model thread.
     def _run_model(self) -> None:
@@ -277,7 +371,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (keep the model thread alive whatever happens)
                 if self._abandon.is_set():  # pools shut down under it: the jobs stay claimed
                     return
-                for outcome in self._failed("model stage", batch.jobs, exc):
+                for outcome in failed_outcomes("model stage", batch.jobs, exc):
                     self._record(outcome)
             finally:
                 self._claim_slots.release()
@@ -285,7 +379,15 @@ class Worker:
     def _infer(self, batch: _Batch) -> None:
         prepared: list[tuple[Job, Any]] = []
         for job, future in zip(batch.jobs, batch.prepared, strict=True):
-            item = future.result()
+            try:
+                item = future.result()
+            except BrokenExecutor as exc:
+                self._runner_broke(exc)
+                return
+            except CancelledError:  # stop() gave up and cancelled it: the job stays claimed
+                return
+            except Exception as exc:  # noqa: BLE001 (the item could not travel back from a stage process)
+                item = failed_outcomes("prepare", [job], exc)[0]
             if isinstance(item, JobOutcome):
                 self._record(item)
             else:
@@ -298,36 +400,37 @@ class Worker:
             if len(results) != len(prepared):
                 raise StageContractError(f"infer returned {len(results)} results for {len(prepared)} items")
         except Exception as exc:  # noqa: BLE001 (fail this batch's jobs with the reason, go on)
-            for outcome in self._failed("infer", [job for job, _ in prepared], exc):
+            for outcome in failed_outcomes("infer", [job for job, _ in prepared], exc):
                 self._record(outcome)
             return
         finally:
             self._observe("batch", started)
-        assert self._output is not None
+        assert self._runner is not None
         for (job, item), result in zip(prepared, results, strict=True):
             self._output_slots.acquire()
-            self._output.submit(self._finish, job, item, result)
+            try:
+                future = self._runner.finish(job, item, result)
+            except BrokenExecutor as exc:
+                self._output_slots.release()
+                self._runner_broke(exc)
+                return
+            future.add_done_callback(partial(self._finished, job))
 
-    # Output pool.
-    def _finish(self, job: Job, item: Any, result: Any) -> None:
-        started = time.perf_counter()
+    # Output pool, as each finish completes.
+    def _finished(self, job: Job, future: Future[JobOutcome]) -> None:
         try:
-            outcome = _checked(job, self.stages.finish(job, item, result))
-        except Exception as exc:  # noqa: BLE001 (fail this job only)
-            outcome = self._failed("finish", [job], exc)[0]
-        try:
+            try:
+                outcome = future.result()
+            except BrokenExecutor as exc:
+                self._runner_broke(exc)
+                return
+            except CancelledError:  # stop() gave up and cancelled it: the job stays claimed
+                return
+            except Exception as exc:  # noqa: BLE001 (the item or result could not travel to a stage process)
+                outcome = failed_outcomes("finish", [job], exc)[0]
             self._record(outcome)
         finally:
             self._output_slots.release()
-            self._observe("output", started)
-
-    def _failed(self, stage: str, jobs: Sequence[Job], exc: Exception) -> list[JobOutcome]:
-        """The one place where an exception becomes failed outcomes; the log names only the exception's type."""
-        logger.error("%s failed for job(s) %s: %s", stage, [j.id for j in jobs], type(exc).__name__)
-        # Where it failed, without the message (it may quote the data set).
-        logger.debug("%s failed at:\n%s", stage, "".join(traceback.format_tb(exc.__traceback__)))
-        reason = failure_reason(exc)
-        return [JobOutcome(job.id, JobState.FAILED, reason=reason) for job in jobs]
 
     def _record(self, outcome: JobOutcome) -> None:
         try:

@@ -49,7 +49,7 @@ from dicom_node.receive.acceptor import (
     warn_if_open,
 )
 from dicom_node.settings import NodeSettings
-from dicom_node.storage.jobs import JobQueue
+from dicom_node.storage.backend import JobStore
 from dicom_node.storage.spool import Spool, uid_hash
 
 LOG = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ QUEUE_FULL_COMMENT = "Out of resources: job queue full, retry later"
 @dataclass(frozen=True)
 class _StoreDeps:
     spool: Spool
-    queue: JobQueue
+    queue: JobStore
     rules_check: RulesCheck | None
     free_disk_floor_bytes: int
     metrics: Metrics | None
@@ -245,7 +245,7 @@ class StorageSCP:
         self,
         settings: NodeSettings,
         spool: Spool,
-        queue: JobQueue,
+        queue: JobStore,
         *,
         rules_check: RulesCheck | None = None,
         metrics: Metrics | None = None,
