@@ -171,3 +171,17 @@ fi
 awk '$1 ~ /^(UNCR|J2KR|J2KI)$/ && $2 + 0 > 0 { printf "pipeline %s: %.1f images/s end to end\n", $1, 1000 / $2 }' \
   /tmp/cxr-lens-pipeline.txt
 echo "bench/gpu.sh: done in $(( $(date +%s) - started )) s"
+
+# -------------------------------------------------------------------------------------------------------------------
+# worker.processes scaling (issue #16; a block of its own, appended by the throughput work). bench.pipeline with the
+# model in a child process and 0 (threads), 2, 4, 8 and 14 stage processes (14: the 16 cores less receiving and the
+# model), the same images for each run, ending with its scaling table: images per second end to end and the node's
+# CPU per image over all its processes. Off unless PROCESS_CURVE=1. It needs a call of its own (about 5 minutes;
+# the steps above take the rest of one): PROCESS_CURVE=1 GRADCAM_BUDGET_S=1 PIPELINE_BUDGET_S=1 bash bench/gpu.sh
+# cuts those to a second each.
+if [ "$MODE" = gpu ] && [ "${PROCESS_CURVE:-0}" = 1 ]; then
+  timeout "${CURVE_BUDGET_S:-300}" "$PY" -m bench.pipeline --model demo --n 256 --senders 8 --syntaxes UNCR,J2KR \
+    --processes "${CURVE_PROCESSES:-0,2,4,8,14}" --set "model.backend='jax'" | tee /tmp/cxr-lens-curve.txt \
+    || echo "bench/gpu.sh: process curve stopped or missed a target (exit $?)"
+  sed -n '/^Scaling/,$p' /tmp/cxr-lens-curve.txt
+fi
