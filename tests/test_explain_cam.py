@@ -168,7 +168,8 @@ def test_seed_class_index_override(seed_model: Any, seed_images: np.ndarray) -> 
     result = explain.explain(seed_model, seed_images, class_index=other.tolist())
     np.testing.assert_array_equal(result.class_index, other)
     np.testing.assert_array_equal(result.probabilities, predicted.probabilities)
-    a, g, _ = reference_activations_and_gradients(keras, seed_model, seed_model.get_layer("mixed10"), seed_images, other)
+    mixed10 = seed_model.get_layer("mixed10")
+    a, g, _ = reference_activations_and_gradients(keras, seed_model, mixed10, seed_images, other)
     # With random weights another class's map may be all zero after the ReLU (test_demo_class_index_override
     # covers non-zero maps), so the tolerance is set at the predicted map's scale.
     expected = reference_cam("gradcam", a, g)

@@ -8,7 +8,7 @@ import dataclasses
 import random
 import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import hl7
 import pytest
@@ -57,7 +57,8 @@ def tiny_png() -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     ihdr = (1).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 def make_source(**attributes: object) -> Dataset:
@@ -787,7 +788,7 @@ NAMED_CASES: dict[str, Callable[[], Inputs]] = {
         settings=HL7Settings(procedure_code="", procedure_text="Chest", procedure_coding_system="")
     ),
     "now-naive": lambda: inputs(now=datetime(2024, 3, 5, 14, 30, 15, 999999)),
-    "now-utc": lambda: inputs(now=datetime(2024, 12, 31, 23, 59, 59, tzinfo=timezone.utc)),
+    "now-utc": lambda: inputs(now=datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)),
     "now-negative-offset": lambda: inputs(now=datetime(2024, 1, 1, tzinfo=timezone(-timedelta(minutes=570)))),
     "now-offset-with-seconds": lambda: inputs(now=datetime(2024, 1, 1, tzinfo=timezone(timedelta(seconds=3630)))),
 }
@@ -961,7 +962,7 @@ def random_inputs(rng: random.Random) -> Inputs:
         procedure_coding_system=text(6),
         include_image=rng.random() < 0.7,
     )
-    tz = rng.choice([None, timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))])
+    tz = rng.choice([None, UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))])
     now = datetime(2000, 1, 1, tzinfo=tz) + timedelta(seconds=rng.randint(0, 10**9) + rng.random())
     return ds, result, overlay, settings, now
 

@@ -21,7 +21,8 @@ from dicom_node.storage.outbox import Outbox, outbox_path
 OK = {"lungs": 0.6, "body": 0.3, "outside_body": 0.0, "border": 0.1, "markers": 0.0, "peak_region": "lungs",
       "verdict": "ok", "reasons": []}
 ON_MARKER = {"lungs": 0.03, "body": 0.2, "outside_body": 0.03, "border": 0.1, "markers": 0.64,
-             "peak_region": "markers", "verdict": "suspect", "reasons": ["evidence_on_marker", "evidence_outside_lungs"]}
+             "peak_region": "markers", "verdict": "suspect",
+             "reasons": ["evidence_on_marker", "evidence_outside_lungs"]}
 NO_LUNGS = {"lungs": 0.0, "body": 0.8, "outside_body": 0.0, "border": 0.2, "markers": 0.0, "peak_region": "body",
             "verdict": "no_lung_fields", "reasons": []}
 RESULT = InferenceResult(label="focal_opacity", class_index=1, probabilities={"no_finding": 0.1, "focal_opacity": 0.9},

@@ -192,6 +192,6 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-                logger.debug("http: " + format, *args)
+                logger.debug("http: " + format, *args)  # noqa: G003 (the stdlib hands us a format and its args)
 
         return Handler

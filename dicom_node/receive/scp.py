@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import cast
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -130,7 +130,7 @@ def _invalid_uid(event: Event, ds: Dataset) -> str | None:
     """The Error Comment naming the first of the request's and the data set's instance, study and series UIDs
     that is missing or not a UID, else None. Reads the raw bytes, before pydicom converts them (and, for an
     invalid value, warns and logs it)."""
-    if not _is_uid(str(event.request.AffectedSOPInstanceUID or "")):
+    if not _is_uid(str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")):
         return "Missing or invalid UID: AffectedSOPInstanceUID"
     for keyword, tag in _CHECKED_UIDS:
         elem = ds.get_item(tag)
@@ -298,7 +298,7 @@ class StorageSCP:
         with self._lock:
             if self._server is not None:
                 return
-            handlers = [
+            handlers: list[Any] = [
                 (evt.EVT_C_STORE, handle_store, [self._deps]),
                 (evt.EVT_C_ECHO, handle_echo),
             ]
