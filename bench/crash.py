@@ -1,4 +1,4 @@
-"""SIGKILL under load: ``python -m bench.crash [--n 100]``.
+"""SIGKILL under load: ``python -m bench.crash [--n 100] [--processes N]``.
 
 Starts a real node (``cxr-lens serve``, demo model, batch size 4) in a subprocess with local PACS and MLLP sinks
 (both answering after 0.1 s, so outputs queue in the outbox), and has a re-sending modality stream ``--n``
@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100, help="images (default 100)")
     parser.add_argument("--moments", default=",".join(MOMENTS),
                         help=f"comma-separated kill moments, of: {', '.join(KILL_MOMENTS)}")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="worker.processes (default 0: one process; N: the model and N stage processes apart)")
     args = parser.parse_args(argv)
     moments = [m.strip() for m in args.moments.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="cxr-lens-bench-crash-") as tmp, \
-            NodeUnderTest(Path(tmp), batch_size=4) as nut:
+            NodeUnderTest(Path(tmp), batch_size=4, processes=args.processes) as nut:
         report = run_crash(nut, moments, n=args.n, settle_timeout=900.0)
     print(report.table())
     return verdict(report.problems())

@@ -59,8 +59,8 @@ def image_bytes(ds: Dataset) -> int:
 class NodeUnderTest:
     """A layout, its peers and its node process; remembers every image the node acknowledged."""
 
-    def __init__(self, root: Path, *, batch_size: int = 16, batch_wait_ms: int = 50) -> None:
-        self.layout = new_layout(root, batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+    def __init__(self, root: Path, *, batch_size: int = 16, batch_wait_ms: int = 50, processes: int = 0) -> None:
+        self.layout = new_layout(root, batch_size=batch_size, batch_wait_ms=batch_wait_ms, processes=processes)
         self.peers = Peers(self.layout)
         self.node = NodeProcess(self.layout)
         self.sources: set[str] = set()

@@ -69,8 +69,9 @@ class NodeLayout:
 
 
 def new_layout(root: Path, *, batch_size: int = 16, batch_wait_ms: int = 50, retry_initial_s: float = 0.2,
-               retry_max_s: float = 1.0) -> NodeLayout:
-    """Pick free ports and write the node's TOML configuration under ``root`` (default model: the demo)."""
+               retry_max_s: float = 1.0, processes: int = 0) -> NodeLayout:
+    """Pick free ports and write the node's TOML configuration under ``root`` (default model: the demo;
+    ``processes``: worker.processes)."""
     root.mkdir(parents=True, exist_ok=True)
     ports: set[int] = set()
     while len(ports) < 3:
@@ -89,6 +90,7 @@ retry_max_s = {retry_max_s}
 [worker]
 batch_size = {batch_size}
 batch_wait_ms = {batch_wait_ms}
+processes = {processes}
 [[destinations]]
 ae_title = "{PACS_AE}"
 host = "127.0.0.1"
@@ -124,9 +126,10 @@ class NodeProcess:
             out.write(f"\n=== life {self.lives + 1} ===\n".encode())
             out.flush()
             with self._lock:
+                # A session of its own: SIGKILL reaches every process of the node at once (worker.processes).
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.layout.config)],
-                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
         self.lives += 1
         try:
@@ -172,10 +175,14 @@ class NodeProcess:
         raise AssertionError("node did not finish its model warm-up:\n" + self.log_tail())
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as when the power goes. Safe to call from any thread."""
+        """SIGKILL to every process of the node: no shutdown code runs, as when the power goes. Safe to call from
+        any thread."""
         with self._lock:
             if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -193,17 +200,38 @@ class NodeProcess:
             return int(self.proc.returncode)
 
     def rss_mb(self) -> float:
-        """Resident set size of the node process (``VmRSS`` in ``/proc/PID/status``), in MiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no VmRSS line in /proc status")
+        """Resident set size of the node, summed over its processes (``VmRSS`` in ``/proc/PID/status``), in MiB."""
+        return sum(_rss_mb(pid) for pid in _process_tree(self.pid))
 
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.layout.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # ended meanwhile
+        return 0.0
+    return next((int(line.split()[1]) / 1024.0 for line in lines if line.startswith("VmRSS:")), 0.0)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``): the node's model and stage processes with worker.processes."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
 
 
 def _count(db: Path, sql: str) -> list[tuple]:
