@@ -343,6 +343,7 @@ retry_max_s = 1.0
         pacs.stop()
         ris.stop()
     assert proc.returncode == 0
+    assert "did not stop in time" not in log.read_text()  # each stop ended the model process, none killed it
     sops = [r.sop_instance_uid for r in pacs.received]
     assert len(sops) == sent and len(set(sops)) == sent, "a Secondary Capture arrived twice or not at all"
     assert len(list(ris.out_dir.glob("*.hl7"))) == sent

@@ -322,16 +322,17 @@ class WorkerProcess:
         self._context = _spawn()
         self._stopping = threading.Event()
         self._process: SpawnProcess | None = None
+        self._running = False  # the model process runs: set at its start, cleared by the one thread that joins it
         self._stop_child: Any = None
         self._reports: Any = None
-        self._threads: list[threading.Thread] = []
+        self._supervisor: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
         self._pids: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
-        process = self._process
-        return process is not None and process.is_alive()
+        return self._running
 
     def process_ids(self) -> dict[str, list[int]]:
         """Live process ids by role (``model``, ``stage``)."""
@@ -349,12 +350,10 @@ class WorkerProcess:
         self._stopping.clear()
         self._reports = self._context.Queue()
         self._spawn_model()
-        self._threads = [
-            threading.Thread(target=self._read_reports, name="cxr-lens-reports", daemon=True),
-            threading.Thread(target=self._supervise, name="cxr-lens-supervisor", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._reader = threading.Thread(target=self._read_reports, name="cxr-lens-reports", daemon=True)
+        self._supervisor = threading.Thread(target=self._supervise, name="cxr-lens-supervisor", daemon=True)
+        self._reader.start()
+        self._supervisor.start()
 
     def _spawn_model(self) -> None:
         self.model_ready.clear()
@@ -365,15 +364,18 @@ class WorkerProcess:
         )
         process.start()
         self._process = process
+        self._running = True
         logger.info("model process %d started with %d stage process(es)", process.pid, self._processes)
 
     def _supervise(self) -> None:
+        """The only thread that waits for the model process (two waiting threads race to reap it)."""
         delay = _RESTART_DELAY_S[0]
-        while not self._stopping.is_set():
+        while True:
             process = self._process
             assert process is not None
             started = time.monotonic()
             process.join()
+            self._running = False
             if self._stopping.is_set():
                 return
             self.model_ready.clear()
@@ -414,20 +416,18 @@ class WorkerProcess:
         """Ask the model process to finish the batches in hand and end (up to ``timeout`` seconds), else kill it;
         what it held stays claimed and is requeued at the next start."""
         self._stopping.set()
-        process = self._process
-        if process is None:
+        if self._process is None or self._supervisor is None:
             return
         self._stop_child.set()
-        process.join(timeout + 5.0)  # the worker inside stops within its own timeout
-        if process.is_alive():
-            logger.warning("model process %d did not stop in time; killing it", process.pid)
-            process.kill()
-            process.join(10.0)
-        for thread in self._threads:
-            thread.join(5.0)
+        self._supervisor.join(timeout + 5.0)  # it ends once the model process has (its worker stops in timeout)
+        if self._supervisor.is_alive():
+            logger.warning("model process %d did not stop in time; killing it", self._process.pid)
+            self._process.kill()
+            self._supervisor.join(10.0)
+        if self._reader is not None:
+            self._reader.join(5.0)
         self._reports.close()
-        self._process = None
-        self._threads = []
+        self._process = self._supervisor = self._reader = None
 
 
 def _running(pid: int) -> bool:
