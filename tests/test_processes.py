@@ -348,3 +348,32 @@ retry_max_s = 1.0
     assert len(sops) == sent and len(set(sops)) == sent, "a Secondary Capture arrived twice or not at all"
     assert len(list(ris.out_dir.glob("*.hl7"))) == sent
     assert _jobs(spool) == {"done": sent}
+
+
+@pytest.mark.tf
+def test_what_travels_to_a_stage_process_needs_no_framework(tmp_path: Path) -> None:
+    """A stage process unpickles the prepared item and the model's result for each image: neither may import Keras
+    or TensorFlow there (seconds of start-up and hundreds of MB in every stage process)."""
+    import pickle
+
+    from dicom_node.process.processor import Prepared, load_processor
+    from dicom_node.settings import load_settings
+
+    processor = load_processor(load_settings())
+    data = sample("RG1_UNCR.dcm").read_bytes()
+    from dicom_node.imaging.instance import read_file
+
+    instance = read_file(data)
+    items = [processor.prepare(instance.header, instance.pixel_data) for _ in range(2)]
+    assert all(isinstance(item, Prepared) for item in items)
+    results = processor.infer(items)  # type: ignore[arg-type]
+    outputs = processor.build_outputs(items[1], results[1])  # what the stage process will do with them
+    path = tmp_path / "finish.pickle"
+    path.write_bytes(pickle.dumps((items[1], results[1])))
+    script = (f"import pickle, sys; pickle.loads(open({str(path)!r}, 'rb').read()); "
+              "print(sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    assert results[1].explanation.heatmaps.shape[0] == 1  # this image's row only, not the whole batch
+    assert outputs.result.label in processor.model.labels

@@ -9,12 +9,14 @@ TensorFlow is reached only from here (through ``models`` and ``explain``), and o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -107,11 +109,23 @@ class Prepared:
 
 @dataclass(frozen=True)
 class ModelResult:
-    """One image's share of a batch's model pass: the batch's explanation and this image's row in it."""
+    """One image's share of a batch's model pass: an explanation and this image's row in it."""
 
     explanation: Any
     index: int
     explain_ms: float  # the pass's time divided by the batch size
+
+
+def explanation_row(explanation: Any, index: int, batch: int) -> SimpleNamespace:
+    """Image ``index``'s share of a batch's explanation: its fields as plain values, every array with the batch
+    axis cut to that row (a batch axis of one). With worker.processes it travels to a stage process, which can read
+    it without importing the framework module that defines the batch's own type."""
+    def row(value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == batch:
+            return value[index : index + 1].copy()
+        return value
+
+    return SimpleNamespace(**{f.name: row(getattr(explanation, f.name)) for f in dataclasses.fields(explanation)})
 
 
 def _ms(start: float) -> float:
@@ -180,7 +194,7 @@ class Processor:
         explanation = explain(self.model, np.stack([p.model_input for p in items]),
                               method=self.settings.explain.method)
         per_image = _ms(t) / len(items)
-        return [ModelResult(explanation, b, per_image) for b in range(len(items))]
+        return [ModelResult(explanation_row(explanation, b, len(items)), 0, per_image) for b in range(len(items))]
 
     def process(self, sources: Sequence[Dataset]) -> list[Outcome]:
         """Every step for a batch of datasets (the offline ``explain`` command): one outcome per source, in order."""
