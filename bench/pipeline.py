@@ -125,7 +125,9 @@ def _cpu_seconds() -> tuple[float, float]:
 #: Thread name (pynetdicom's and the node's) -> the role it is counted under in the CPU split.
 _THREAD_ROLES: tuple[tuple[str, str], ...] = (
     ("AcceptorThread", "C-STORE handler"),
-    ("Thread-", "DUL readers"),  # pynetdicom's DULServiceProvider threads keep the default name
+    # pynetdicom's DULServiceProvider threads keep the default name, those of the SCP's associations and those of
+    # the DICOM sender's alike
+    ("Thread-", "DUL (in and out)"),
     ("AcceptorServer", "SCP accept loop"),
     ("cxr-lens-decode", "decode pool"),
     ("cxr-lens-model", "model"),
