@@ -654,6 +654,9 @@ class _PassThroughStages:
         return JobOutcome(job.id, JobState.DONE)
 
 
+OUTAGE_S = 30.0  # the outage: PostgreSQL killed for 30 s while images arrive
+
+
 @needs_postgres()
 def test_ingest_and_worker_ride_out_a_database_outage(own_cluster: PostgresCluster, tmp_path: Path,
                                                       sink: DicomSink) -> None:
@@ -692,9 +695,14 @@ def test_ingest_and_worker_ride_out_a_database_outage(own_cluster: PostgresClust
         assert [c_store(ds) for ds in images[:2]] == [0, 0]
         assert wait_until(lambda: done() == 2, 30)
         own_cluster.stop("immediate")
-        assert c_store(images[2]) == 0xA700
-        time.sleep(3.0)  # the worker meets the outage in its loop
-        assert c_store(images[2]) == 0xA700
+        # Down for 30 s while images keep arriving: every C-STORE meanwhile is refused, never answered Success,
+        # and the worker meets the outage in its loop.
+        down_until = time.monotonic() + OUTAGE_S
+        refused = []
+        while time.monotonic() < down_until:
+            refused.append(c_store(images[2]))
+            time.sleep(5.0)
+        assert len(refused) >= 5 and set(refused) == {0xA700}, refused
         own_cluster.start()
         assert [c_store(ds) for ds in images[2:]] == [0, 0, 0, 0]
         assert wait_until(lambda: done() == 6, 60), worker.health()
