@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from bench.delivery import Delivery, Peers, collect_delivery
 from dicom_node.peers.modality import (
@@ -289,6 +290,12 @@ def run_memory(nut: NodeUnderTest, *, warmup: int, measured: int, every: int, bo
 
 # --- scenario: SIGKILL at chosen moments -------------------------------------------------------------------
 
+
+def _last_is_sc(peers: Peers) -> bool:
+    """Whether the PACS's last stored object is a Secondary Capture (the SR and PM of an image travel beside it)."""
+    received = peers.pacs.received
+    return bool(received) and str(received[-1].sop_class_uid) == SecondaryCaptureImageStorage
+
 #: Where a node life ends. Each life gets a fresh share of the images, so every moment has work to hit; the state
 #: at the kill is what ``run_crash`` reads right after it.
 KILL_MOMENTS: dict[str, str] = {
@@ -410,10 +417,12 @@ def run_crash(nut: NodeUnderTest, moments: Sequence[str], *, n: int, rows: int =
                 acked_by = modality.acknowledged + 2
                 modality.after_ack = partial(kill, lambda n=acked_by: modality.acknowledged >= n)
             elif moment == "sc-stored":
-                peers.pacs.after_store = kill
+                # An SC, not the Parametric Map or SR beside it: the check counts SC re-deliveries.
+                peers.pacs.after_store = partial(kill, partial(_last_is_sc, peers))
             elif moment == "outbox":
                 # The SC being stored is pending until the node reads the response: >= 2 means more wait behind.
-                peers.pacs.after_store = partial(kill, lambda: outbox_counts(spool)["dicom", "pending"] >= 2)
+                peers.pacs.after_store = partial(
+                    kill, lambda: _last_is_sc(peers) and outbox_counts(spool)["dicom", "pending"] >= 2)
             elif moment == "oru-stored":
                 peers.ris.after_store = kill
             modality.add(shares[life])
