@@ -45,6 +45,8 @@ from dicom_node.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
+_STOPPED = object()  # a stage future that ended with the runner broken or cancelled by stop()
+
 FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
 
 
@@ -379,15 +381,9 @@ class Worker:
     def _infer(self, batch: _Batch) -> None:
         prepared: list[tuple[Job, Any]] = []
         for job, future in zip(batch.jobs, batch.prepared, strict=True):
-            try:
-                item = future.result()
-            except BrokenExecutor as exc:
-                self._runner_broke(exc)
+            item = self._stage_result(future, "prepare", job)
+            if item is _STOPPED:
                 return
-            except CancelledError:  # stop() gave up and cancelled it: the job stays claimed
-                return
-            except Exception as exc:  # noqa: BLE001 (the item could not travel back from a stage process)
-                item = failed_outcomes("prepare", [job], exc)[0]
             if isinstance(item, JobOutcome):
                 self._record(item)
             else:
@@ -419,18 +415,24 @@ class Worker:
     # Output pool, as each finish completes.
     def _finished(self, job: Job, future: Future[JobOutcome]) -> None:
         try:
-            try:
-                outcome = future.result()
-            except BrokenExecutor as exc:
-                self._runner_broke(exc)
-                return
-            except CancelledError:  # stop() gave up and cancelled it: the job stays claimed
-                return
-            except Exception as exc:  # noqa: BLE001 (the item or result could not travel to a stage process)
-                outcome = failed_outcomes("finish", [job], exc)[0]
-            self._record(outcome)
+            outcome = self._stage_result(future, "finish", job)
+            if outcome is not _STOPPED:
+                self._record(outcome)
         finally:
             self._output_slots.release()
+
+    def _stage_result(self, future: Future[Any], stage: str, job: Job) -> Any:
+        """A stage's result for one job; a failed transfer to or from a stage process becomes the job's failed
+        outcome; :data:`_STOPPED` when the runner broke or ``stop()`` cancelled the future (the job stays claimed)."""
+        try:
+            return future.result()
+        except BrokenExecutor as exc:
+            self._runner_broke(exc)
+            return _STOPPED
+        except CancelledError:
+            return _STOPPED
+        except Exception as exc:  # noqa: BLE001 (the item or result could not travel to or from a stage process)
+            return failed_outcomes(stage, [job], exc)[0]
 
     def _record(self, outcome: JobOutcome) -> None:
         try:
