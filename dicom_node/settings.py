@@ -132,6 +132,11 @@ class OutputsSettings(_Section):
     secondary_capture: bool = True
     structured_report: bool = True
     parametric_map: bool = True
+    # The Parametric Map's grid: the source's own grid coarsened by the smallest whole factor that brings its longer
+    # side to at most this many pixels (each map pixel a block of f x f source pixels); 0: the source's grid. A class
+    # activation map holds no more detail than the model's last convolution; on the source's grid a 2,000 px
+    # radiograph's map is a 7 MB object (outputs/parametric_map.py).
+    parametric_map_max_long_side: int = Field(512, ge=0, le=65_535)
     # Label -> code for the SR's finding and probabilities; a label without one gets a private 99CXRL code.
     label_codes: dict[str, LabelCode] = Field(default_factory=lambda: dict(_DEMO_LABEL_CODES))
 

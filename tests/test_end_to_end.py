@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from dicom_node.cli import main
+from dicom_node.outputs.parametric_map import map_grid
 from dicom_node.peers.node_process import free_port
 from dicom_node.settings import DestinationSettings, load_settings
 from tests.support.dicom_tools import dciodvfy_errors, requires_dciodvfy
@@ -159,7 +160,8 @@ def test_explain_report_reads_back_with_its_references(explained: tuple[int, Pat
     assert referenced == {source.SOPInstanceUID, result["secondary_capture"]["sop_instance_uid"],
                           result["parametric_map"]["sop_instance_uid"]}
     heatmap = pydicom.dcmread(d / "parametric_map.dcm")
-    assert heatmap.pixel_array.shape == (source.Rows, source.Columns)
+    # outputs.parametric_map_max_long_side (512): RG1's 1955 x 1841 grid in blocks of 4 x 4.
+    assert heatmap.pixel_array.shape == map_grid(source.Rows, source.Columns, 512)[:2] == (489, 461)
 
 
 def test_demo_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

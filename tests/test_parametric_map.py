@@ -19,6 +19,7 @@ from dicom_node.outputs.parametric_map import (
     PARAMETRIC_MAP_STORAGE,
     ParametricMapError,
     build_parametric_map,
+    map_grid,
     parametric_map_uids,
     pixel_spacing_mm,
 )
@@ -166,13 +167,50 @@ def test_a_header_that_cannot_be_copied_is_a_named_error() -> None:
         build_parametric_map(src, _heatmap(), inference_result())
 
 
+def test_map_grid_is_the_smallest_whole_factor() -> None:
+    assert map_grid(1955, 1841, 0) == (1955, 1841, 1)
+    assert map_grid(1955, 1841, 512) == (489, 461, 4)  # RG1: 1955 / 512 = 3.8 -> blocks of 4 x 4
+    assert map_grid(1955, 1841, 489) == (489, 461, 4) and map_grid(1955, 1841, 488) == (391, 369, 5)
+    assert map_grid(96, 80, 96) == (96, 80, 1) and map_grid(96, 80, 40) == (32, 27, 3)
+    with pytest.raises(ValueError):
+        map_grid(96, 80, -1)
+
+
+def test_a_coarse_map_is_the_source_grid_map_at_its_block_centres(rg1: pydicom.Dataset) -> None:
+    heat = _heatmap(5)
+    full = build_parametric_map(rg1, heat, inference_result()).pixel_array.astype(int)
+    # RG1 at most 700 px long: blocks of 3 x 3 (1955 -> 652 rows, the last block one row short), centred on
+    # source pixels 1, 4, 7, ...: the coarse map samples the same surface there (to a level: each is scaled by
+    # its own maximum).
+    coarse = build_parametric_map(rg1, heat, inference_result(), max_long_side=700)
+    assert (coarse.Rows, coarse.Columns) == (652, 614)
+    np.testing.assert_allclose(coarse.pixel_array.astype(int), full[1::3, 1::3], atol=1)
+
+
+def test_a_coarse_map_states_its_blocks_in_its_geometry() -> None:
+    src = _source("dx_with_imager_spacing")  # 80 x 96, Imager Pixel Spacing 0.15 \ 0.143
+    pm = build_parametric_map(src, _heatmap(), inference_result(), max_long_side=40)
+    assert (pm.Rows, pm.Columns) == (27, 32)  # blocks of 3 x 3
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == pytest.approx([0.45, 0.429])
+    # The first block's centre is source pixel (1, 1): one source spacing along each axis from the origin.
+    position = pm.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    assert [float(v) for v in position] == pytest.approx([0.143, 0.15, 0.0])
+    empty = build_parametric_map(src, _heatmap(), inference_result(no_evidence=True, heatmap_max=0.0),
+                                 max_long_side=40)
+    assert empty.pixel_array.shape == (27, 32) and not empty.pixel_array.any()
+
+
 @requires_dciodvfy
+@pytest.mark.parametrize("max_long_side", [0, 64])  # 64: blocks of 2 x 2
 @pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
-def test_written_map_validates_and_reads_back(kind: str, transfer_syntax: str, tmp_path: Path) -> None:
+def test_written_map_validates_and_reads_back(kind: str, transfer_syntax: str, max_long_side: int,
+                                              tmp_path: Path) -> None:
     src = _source(kind)
     heat = _heatmap(7)
-    pm = build_parametric_map(src, heat, inference_result(), transfer_syntax_uid=transfer_syntax)
+    pm = build_parametric_map(src, heat, inference_result(), transfer_syntax_uid=transfer_syntax,
+                              max_long_side=max_long_side)
     expected = _real_world(pm) if transfer_syntax == ExplicitVRLittleEndian else None
     path = tmp_path / "pm.dcm"
     pm.save_as(path, enforce_file_format=True)
@@ -183,10 +221,10 @@ def test_written_map_validates_and_reads_back(kind: str, transfer_syntax: str, t
     assert back.file_meta.TransferSyntaxUID == transfer_syntax
     assert back.get_source_image_uids() == [(src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID)]
     values = back.get_frame(1, apply_real_world_transform=True)
-    assert values.shape == (src.Rows, src.Columns)
+    assert values.shape == map_grid(src.Rows, src.Columns, max_long_side)[:2]
     assert values.max() == pytest.approx(1.0) and values.min() >= 0.0
     if expected is not None:
         np.testing.assert_allclose(values, expected)
     # The same map whichever syntax carries it: lossless compression changes nothing.
-    reference = build_parametric_map(src, heat, inference_result()).pixel_array
+    reference = build_parametric_map(src, heat, inference_result(), max_long_side=max_long_side).pixel_array
     np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, reference)

@@ -1,14 +1,23 @@
 """The Grad-CAM heatmap as a Parametric Map (highdicom ``ParametricMap``, PS3.3 A.75), for IHE AI Results viewers.
 
 Pure: takes the source dataset, the heatmap and the result; returns a new dataset. The map lies on the source's
-pixel grid (Rows x Columns), stored as unsigned integers in 16 bits (dciodvfy's Parametric Map Image module
-accepts no other integer depth) with a real-world value mapping whose quantity is DCM "Class activation"
-(130402) and whose values are the map scaled by its own maximum, as the overlay shows it.
+pixel grid (Rows x Columns), or on that grid coarsened by a whole factor (:func:`map_grid`: each map pixel is a
+block of f x f source pixels, the pixel spacing f times the source's), stored as unsigned integers in 16 bits
+(dciodvfy's Parametric Map Image module accepts no other integer depth) with a real-world value mapping whose
+quantity is DCM "Class activation" (130402) and whose values are the map scaled by its own maximum, as the overlay
+shows it.
+
+Why a coarser grid is the node's default (``outputs.parametric_map_max_long_side``, 512): a class activation map
+holds no more detail than the model's last convolution (7 x 7 to 16 x 16 cells; the node's overlay is 512 px), but
+on a 2,000 px radiograph's own grid it is a 7 MB object that the node hashes, stores, reads and sends for each
+image: measured, most of the node's CPU per image (``bench.pipeline``). 0 keeps the source's grid.
 
 A projection radiograph has no Frame of Reference, but the Parametric Map IOD requires one, with plane position,
 orientation and a non-zero pixel spacing. The map gets a Frame of Reference of its own: the map's own image
 plane, at a nominal position and orientation, claiming no relation to any other object. Pixel spacing comes from
-the source's Imager Pixel Spacing, else its Pixel Spacing, else :data:`NOMINAL_PIXEL_SPACING_MM`.
+the source's Imager Pixel Spacing, else its Pixel Spacing, else :data:`NOMINAL_PIXEL_SPACING_MM` (times the grid
+factor). In that plane the source's first pixel would lie at the origin: the map's first pixel, the centre of a
+block of f x f source pixels, lies (f - 1) / 2 source pixels along each axis from it.
 
 Identity is deterministic like the overlay's: the SOP Instance UID and Frame of Reference UID derive from
 (source SOP Instance UID, model id, model version, method), the series UID from the source series with the same
@@ -19,7 +28,6 @@ from __future__ import annotations
 
 import copy
 
-import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
@@ -71,24 +79,59 @@ def pixel_spacing_mm(source: Dataset) -> tuple[float, float]:
     return (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
 
 
-def map_levels(heatmap: np.ndarray, rows: int, columns: int, *, no_evidence: bool) -> np.ndarray:
-    """The heatmap resized to rows x columns, scaled by its maximum and quantised to 0..MAP_LEVELS (uint16).
+def map_grid(rows: int, columns: int, max_long_side: int) -> tuple[int, int, int]:
+    """(map rows, map columns, factor f) for a source of rows x columns: the smallest whole f that brings the
+    longer side to at most ``max_long_side`` (0: f = 1, the source's grid); the map covers the whole source,
+    its last row and column blocks cut by the source's edge."""
+    if max_long_side < 0:
+        raise ValueError(f"max_long_side must be >= 0, got {max_long_side}")
+    factor = max(1, -(-max(rows, columns) // max_long_side)) if max_long_side else 1
+    return -(-rows // factor), -(-columns // factor), factor
 
-    ``heatmap`` may be raw or already in [0, 1]: scaling by the maximum leaves a normalised map as it is and
-    matches what the overlay shows. Negative values (none after Grad-CAM's ReLU) count as no evidence.
+
+def map_levels(
+    heatmap: np.ndarray, rows: int, columns: int, *, no_evidence: bool, factor: int = 1
+) -> np.ndarray:
+    """The heatmap sampled on a grid over a rows x columns source, scaled by its maximum and quantised to
+    0..MAP_LEVELS (uint16).
+
+    The grid is the source's (``factor`` 1: the heatmap resized to rows x columns) or its f x f blocks (their
+    centres sampled: ``map_grid``'s shape). ``heatmap`` may be raw or already in [0, 1]: scaling by the maximum
+    leaves a normalised map as it is and matches what the overlay shows. Negative values (none after Grad-CAM's
+    ReLU) count as no evidence.
     """
     array = np.asarray(heatmap, dtype=np.float32)
     if array.ndim != 2 or array.size == 0:
         raise ValueError(f"heatmap must be a non-empty 2-D (h, w) array, got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         raise ValueError("heatmap contains NaN or infinite values")
+    out_rows, out_columns = -(-rows // factor), -(-columns // factor)
     if no_evidence:
-        return np.zeros((rows, columns), np.uint16)
-    resized = cv2.resize(np.clip(array, 0.0, None), (columns, rows), interpolation=cv2.INTER_LINEAR)
+        return np.zeros((out_rows, out_columns), np.uint16)
+    # Separable linear interpolation (cv2.resize's half-pixel convention, edges clamped), evaluated exactly at each
+    # map pixel's centre: cv2.warpAffine would place a coarse grid's samples only to 1/32 of a heatmap cell. Two
+    # gathers rather than two weight matrices: numpy's matmul wakes OpenBLAS threads that then spin for ~0.1 s,
+    # measured as ~70 core-ms per image in the node (bench.pipeline, "other" threads).
+    low, high, frac = _linear_samples(out_rows, rows, array.shape[0], factor)
+    clipped = np.clip(array, 0.0, None)
+    by_rows = clipped[low] * (1.0 - frac)[:, None] + clipped[high] * frac[:, None]
+    low, high, frac = _linear_samples(out_columns, columns, array.shape[1], factor)
+    resized = by_rows[:, low] * (1.0 - frac) + by_rows[:, high] * frac
     peak = float(resized.max())
     if peak <= 0.0:
-        return np.zeros((rows, columns), np.uint16)
+        return np.zeros((out_rows, out_columns), np.uint16)
     return np.rint(resized * (MAP_LEVELS / peak)).astype(np.uint16)
+
+
+def _linear_samples(
+    n_out: int, n_source: int, n_cells: int, factor: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low cell, high cell, weight of high) sampling n_cells heatmap cells spread over n_source source pixels
+    at the centres of n_out blocks of ``factor`` source pixels (block x centred on factor*x + (factor-1)/2)."""
+    centre = factor * np.arange(n_out, dtype=np.float64) + (factor - 1) / 2
+    cell = np.clip((centre + 0.5) * (n_cells / n_source) - 0.5, 0.0, n_cells - 1)
+    low = np.floor(cell).astype(np.intp)
+    return low, np.minimum(low + 1, n_cells - 1), (cell - low).astype(np.float32)
 
 
 def series_description(result: InferenceResult) -> str:
@@ -126,8 +169,10 @@ def build_parametric_map(
     result: InferenceResult,
     *,
     transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    max_long_side: int = 0,
 ) -> Dataset:
-    """A Parametric Map of ``heatmap`` (any (h, w) size; raw or in [0, 1]) on the source's pixel grid.
+    """A Parametric Map of ``heatmap`` (any (h, w) size; raw or in [0, 1]) on the source's pixel grid, or with
+    ``max_long_side`` > 0 on its f x f blocks (:func:`map_grid`).
 
     The map is in the source's study, in its own series, and references the source image (Derivation Image
     and Source Image sequences). ``transfer_syntax_uid`` is one of :data:`TRANSFER_SYNTAXES`.
@@ -135,9 +180,13 @@ def build_parametric_map(
     if transfer_syntax_uid not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer_syntax_uid must be one of {', '.join(TRANSFER_SYNTAXES)}")
     rows, columns = int(source.Rows), int(source.Columns)
-    stored = map_levels(heatmap, rows, columns, no_evidence=result.no_evidence)
+    factor = map_grid(rows, columns, max_long_side)[2]
+    stored = map_levels(heatmap, rows, columns, no_evidence=result.no_evidence, factor=factor)
     series_uid, sop_uid, frame_uid = parametric_map_uids(source, result)
-    spacing = pixel_spacing_mm(source)
+    source_spacing = pixel_spacing_mm(source)
+    spacing = (source_spacing[0] * factor, source_spacing[1] * factor)
+    # The first map pixel's centre, from the source's first pixel's (the origin): +x along a row, +y down a column.
+    first = ((factor - 1) / 2 * source_spacing[1], (factor - 1) / 2 * source_spacing[0], 0.0)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=result.method.upper()[:16],
         lut_explanation=f"{result.method} map for {result.label}, scaled by its maximum"[:64],
@@ -149,7 +198,7 @@ def build_parametric_map(
     )
     try:
         pm = hd.pm.ParametricMap(
-            source_images=[_geometry_source(source, frame_uid, spacing)],
+            source_images=[_geometry_source(source, frame_uid, source_spacing)],
             pixel_array=stored,
             series_instance_uid=series_uid,
             series_number=PARAMETRIC_MAP_SERIES_NUMBER,
@@ -165,7 +214,7 @@ def build_parametric_map(
             content_label="CLASSACTIVATION",
             content_description=series_description(result),
             content_qualification=hd.ContentQualificationValues.RESEARCH,
-            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, _NOMINAL_POSITION)],
+            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, first)],
             plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, _NOMINAL_ORIENTATION),
             pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=None),
         )

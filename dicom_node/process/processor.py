@@ -281,7 +281,8 @@ class Processor:
             timings["secondary_capture"] = _ms(t)
         if enabled.parametric_map:
             t = time.perf_counter()
-            pm = build_parametric_map(item.source, heat.map, result)  # at the map's own resolution: it resamples
+            # From the map at the model's own resolution: it resamples onto the source's grid or its blocks.
+            pm = build_parametric_map(item.source, heat.map, result, max_long_side=enabled.parametric_map_max_long_side)
             timings["parametric_map"] = _ms(t)
         if enabled.structured_report:
             t = time.perf_counter()
