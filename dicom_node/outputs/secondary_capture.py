@@ -8,6 +8,8 @@ series with the same keys, so one source series gets one overlay series.
 
 from __future__ import annotations
 
+import functools
+
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -29,6 +31,7 @@ SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 OVERLAY_SERIES_NUMBER = 9901
 
 
+@functools.cache  # reading the installed distribution's metadata costs ~1 ms, and each output asks
 def software_version() -> str:
     try:
         return version("cxr-lens")
