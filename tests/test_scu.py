@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.deliver.dicom import (
     CHANNEL,
@@ -204,3 +205,32 @@ def test_unreadable_payload_is_parked(outbox: Outbox, sink: DicomSink) -> None:
     snd.run_once()
     assert outbox.get(item_id).last_error == AssociationOutcome.PAYLOAD_UNREADABLE.value  # type: ignore[union-attr]
     assert outbox.counts()[(CHANNEL, "parked")] == 1
+
+
+def test_an_images_objects_arrive_in_the_syntax_they_are_stored_in(outbox: Outbox, sink: DicomSink) -> None:
+    """The sink, like pynetdicom's default acceptor, prefers Implicit VR when a context offers both uncompressed
+    syntaxes; each syntax in a context of its own lets the SC, map and report go as stored (Explicit VR Little
+    Endian), byte for byte, instead of being re-encoded on every C-STORE."""
+    import numpy as np
+
+    from dicom_node.outputs.parametric_map import build_parametric_map
+    from dicom_node.outputs.secondary_capture import build_secondary_capture
+    from dicom_node.outputs.structured_report import InstanceReference, build_structured_report
+    from dicom_node.process.processor import _part10_bytes
+    from tests.support.outputs import inference_result, source_radiograph
+
+    src, result = source_radiograph("dx_with_imager_spacing", 80, 96), inference_result()
+    sc = build_secondary_capture(src, np.zeros((80, 96, 3), np.uint8), result)
+    pm = build_parametric_map(src, np.ones((4, 4), np.float32), result)
+    sr = build_structured_report(src, result, secondary_capture=InstanceReference.of(sc),
+                                 parametric_map=InstanceReference.of(pm))
+    stored = {str(ds.SOPInstanceUID): _part10_bytes(ds) for ds in (sc, pm, sr)}
+    s = sender(outbox, dest(sink.port))
+    for uid, payload in stored.items():
+        s.enqueue(payload, uid)
+    assert s.run_once() == 3
+    got = sink.wait_for(3)
+    assert [g.sop_instance_uid for g in got] == list(stored)
+    assert {g.transfer_syntax_uid for g in got} == {ExplicitVRLittleEndian}
+    for g in got:
+        assert dataset_part(g.path.read_bytes()) == dataset_part(stored[g.sop_instance_uid])

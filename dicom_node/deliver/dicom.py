@@ -254,16 +254,17 @@ class DicomSender(OutboxSender):
         ae.dimse_timeout = self.timeout_s
         ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s  # bounds the TCP connect and, with TLS, the handshake
-        # The object's own transfer syntax in a context of its own, so an acceptor that takes it cannot pick
-        # another one; an uncompressed object may fall back to the other uncompressed syntaxes (pynetdicom
-        # re-encodes).
+        # The object's own transfer syntax first, then every SOP Class in each uncompressed syntax, one
+        # presentation context per syntax: an acceptor picks one syntax per context, and pynetdicom's (like
+        # other SCPs) prefers Implicit VR when offered both in one, so the objects (stored Explicit VR Little
+        # Endian) were re-encoded element by element for every C-STORE: ~6 core-ms per object, measured. With a
+        # context of its own the stored syntax is accepted wherever the peer supports it and sent as it is;
+        # the others remain fallbacks (pynetdicom re-encodes). At most 1 + 2 x 3 contexts of PS3.8's 128.
         ae.add_requested_context(sop_class, [transfer_syntax])
-        if not transfer_syntax.is_compressed:
-            fallback = [ts for ts in UNCOMPRESSED if ts != transfer_syntax]
-            ae.add_requested_context(sop_class, fallback)
-        for other in self.sop_classes:
-            if other != sop_class:
-                ae.add_requested_context(other, list(UNCOMPRESSED))
+        for each in (sop_class, *(other for other in self.sop_classes if other != sop_class)):
+            for syntax in UNCOMPRESSED:
+                if (each, syntax) != (sop_class, transfer_syntax):
+                    ae.add_requested_context(each, [syntax])
         tls = self._tls.get(destination_key(dest))
         return ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu,
