@@ -153,11 +153,13 @@ def test_importing_the_package_changes_no_process_wide_state() -> None:
     script = textwrap.dedent(
         """
         import importlib, logging, pkgutil, warnings
+        import cv2
         import pydicom.config
 
         def state():
             return (logging.getLogger("pynetdicom").level, pydicom.config.settings.reading_validation_mode,
-                    len(warnings.filters), logging.getLogger().level, len(logging.getLogger().handlers))
+                    len(warnings.filters), logging.getLogger().level, len(logging.getLogger().handlers),
+                    cv2.getNumThreads())
 
         before = state()
         import dicom_node
@@ -170,6 +172,7 @@ def test_importing_the_package_changes_no_process_wide_state() -> None:
         from dicom_node.startup import configure_process
         configure_process(log_to_stderr=False)
         assert state() != before, "configure_process changed nothing"
+        assert cv2.getNumThreads() == 1, "OpenCV keeps its own thread pool"
         print("ok")
         """
     )
