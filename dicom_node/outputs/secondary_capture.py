@@ -9,7 +9,6 @@ series with the same keys, so one source series gets one overlay series.
 from __future__ import annotations
 
 import functools
-
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
