@@ -218,7 +218,7 @@ class RecordingSender:
     def __init__(self) -> None:
         self.items: list[tuple[bytes | str, str]] = []
 
-    def enqueue(self, payload: bytes | str, dedup_key: str) -> list[int]:
+    def enqueue(self, payload: bytes | str, dedup_key: str, *, source_received_at: float | None = None) -> list[int]:
         self.items.append((payload, dedup_key))
         return [len(self.items)]
 

@@ -253,6 +253,27 @@ def test_outbox_dedup_fifo_retry_park_and_resend(backend: Backend) -> None:
     assert box.get(10_000) is None
 
 
+def test_resend_replaces_an_earlier_studys_output_but_not_the_same_instances(backend: Backend) -> None:
+    """A delivered twin enqueued before the source arrived is an earlier study's output: the new one replaces it.
+    One enqueued after is this instance's own, from an attempt interrupted after storing it: left delivered."""
+    box = backend.outbox()
+    first = box.enqueue("dicom", "PACS@h:1", "sc", b"study sent once")
+    box.mark_done(first)
+    received_again = time.time()  # the study arrives again, corrected
+    time.sleep(0.01)
+    assert box.enqueue("dicom", "PACS@h:1", "sc", b"corrected", resend=True,
+                       source_received_at=received_again) == first
+    replaced = box.get(first)
+    assert replaced is not None and (replaced.state, replaced.payload) == ("pending", b"corrected")
+    box.mark_done(first)
+    # Its job is processed again (the worker died after storing the outputs, before the job was done): the
+    # twin it stored and that was delivered meanwhile stays delivered, not sent twice.
+    assert box.enqueue("dicom", "PACS@h:1", "sc", b"corrected, built again", resend=True,
+                       source_received_at=received_again) == first
+    kept = box.get(first)
+    assert kept is not None and (kept.state, kept.payload) == ("done", b"corrected")
+
+
 # PostgreSQL only.
 CLAIMER = """
 import sys, time

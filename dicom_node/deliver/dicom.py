@@ -162,13 +162,16 @@ class DicomSender(OutboxSender):
     def describe(self, item: OutboxItem) -> str:
         return f"SC {item.id} ({uid_hash(item.dedup_key)})"
 
-    def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str) -> list[int]:
+    def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str, *, source_received_at: float | None = None) -> list[int]:
         """Store one DICOM object for every destination; returns the outbox ids.
 
-        ``resend=True``: when the same ``dedup_key`` was already delivered (a study sent to us again), the new
-        object replaces it and is delivered again.
+        When the same ``dedup_key`` was already delivered (a study sent to us again), the new object replaces it
+        and is delivered again, unless that delivered twin was enqueued after ``source_received_at`` (when the
+        source instance arrived): it then came from the same instance, by an interrupted attempt whose job is
+        being processed again, and is not sent twice.
         """
-        ids = [self._store(key, dedup_key, sc_dataset_bytes, resend=True) for key in self._destinations]
+        ids = [self._store(key, dedup_key, sc_dataset_bytes, resend=True, source_received_at=source_received_at)
+               for key in self._destinations]
         if not ids:
             logger.warning("no DICOM destinations configured: DICOM object not queued")
         return ids

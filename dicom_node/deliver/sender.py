@@ -93,8 +93,11 @@ class OutboxSender(ABC):
         """End the current wait of :meth:`run_forever` now (an item was queued, or the node is stopping)."""
         self._wake.set()
 
-    def _store(self, destination: str, dedup_key: str, payload: bytes, *, resend: bool) -> int:
-        item_id = self.outbox.enqueue(self.channel, destination, dedup_key, payload, resend=resend)
+    def _store(
+        self, destination: str, dedup_key: str, payload: bytes, *, resend: bool, source_received_at: float | None = None
+    ) -> int:
+        item_id = self.outbox.enqueue(self.channel, destination, dedup_key, payload, resend=resend,
+                                      source_received_at=source_received_at)
         self._wake.set()
         return item_id
 

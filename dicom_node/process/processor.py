@@ -344,17 +344,21 @@ def _parse_spooled(data: Buffer) -> Instance | Failed:
         return Failed(f"spooled instance does not parse ({type(exc).__name__})")
 
 
-def enqueue_outputs(job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None) -> JobOutcome:
+def enqueue_outputs(
+    job_id: int, outcome: Outcome, dicom_sender: Any, hl7_sender: Any | None, *, received_at: float | None = None
+) -> JobOutcome:
     """Enqueue a processed job's outputs in the outbox (SC, Parametric Map, SR, then ORU) and return the job's
     outcome.
 
     Outputs are enqueued (durably) before the job is reported done, so a crash in between re-processes the job
     and the outbox's de-duplication keys (each DICOM object's SOP Instance UID; the overlay's for the ORU) keep
-    them from being delivered twice.
+    them from being delivered twice: ``received_at`` (the job's) tells a twin from this job's interrupted attempt,
+    delivered meanwhile and left alone, from an earlier study's, which the new object replaces.
     """
     if isinstance(outcome, Processed):
         for dataset in outcome.dicom_outputs:
-            dicom_sender.enqueue(_part10_bytes(dataset), dedup_key=str(dataset.SOPInstanceUID))
+            dicom_sender.enqueue(_part10_bytes(dataset), dedup_key=str(dataset.SOPInstanceUID),
+                                 source_received_at=received_at)
         if hl7_sender is not None:
             hl7_sender.enqueue(outcome.oru_message, dedup_key=outcome.oru_key)
         return JobOutcome(job_id, JobState.DONE)
@@ -385,14 +389,14 @@ class ProcessorStages:
                 else instance)
         if isinstance(item, Prepared):
             return item
-        return enqueue_outputs(job.id, item, self.dicom_sender, self.hl7_sender)
+        return enqueue_outputs(job.id, item, self.dicom_sender, self.hl7_sender, received_at=job.received_at)
 
     def infer(self, items: Sequence[Prepared]) -> list[ModelResult]:
         return self.processor.infer(items)
 
     def finish(self, job: Job, item: Prepared, result: ModelResult) -> JobOutcome:
         outputs = self.processor.build_outputs(item, result)
-        outcome = enqueue_outputs(job.id, outputs, self.dicom_sender, self.hl7_sender)
+        outcome = enqueue_outputs(job.id, outputs, self.dicom_sender, self.hl7_sender, received_at=job.received_at)
         if self.metrics is not None and outputs.result.evidence is not None:
             self.metrics.observe_evidence(outputs.result.evidence)
         return outcome

@@ -86,8 +86,12 @@ class JobStore(Protocol):
 class OutboxStore(Protocol):
     """The outbox: outputs stored before they are sent, FIFO per (channel, destination)."""
 
-    def enqueue(self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False) -> int:
-        """Store an item once per (channel, destination, dedup_key); ``resend`` re-arms a delivered twin."""
+    def enqueue(
+        self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False,
+        source_received_at: float | None = None,
+    ) -> int:
+        """Store an item once per (channel, destination, dedup_key); ``resend`` re-arms a delivered twin enqueued
+        before ``source_received_at`` (see ``Outbox.enqueue``)."""
 
     def destinations(self, channel: str) -> list[str]: ...
 

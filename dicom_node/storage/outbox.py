@@ -68,16 +68,23 @@ class Outbox:
         with self._lock:
             self._db.close()
 
-    def enqueue(self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False) -> int:
+    def enqueue(
+        self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False,
+        source_received_at: float | None = None,
+    ) -> int:
         """Store an item durably and return its id.
 
         An item with the same (channel, destination, dedup_key) is not stored twice. With ``resend`` a delivered
-        or parked twin is put back to pending with the new payload (a re-sent study replaces its output).
+        or parked twin is put back to pending with the new payload (a re-sent study replaces its output), unless
+        it was enqueued at or after ``source_received_at`` (when the instance behind the new payload arrived):
+        then it came from that same instance, by an attempt interrupted after storing its outputs or by a worker
+        whose lease ran out as it finished, and sending it again would deliver the same object twice.
+        ``created_at`` is when the item's current payload was enqueued.
         """
         now = time.time()
         with self._lock, self._db:
             row = self._db.execute(
-                "SELECT id, state FROM outbox WHERE channel=? AND destination=? AND dedup_key=?",
+                "SELECT id, state, created_at FROM outbox WHERE channel=? AND destination=? AND dedup_key=?",
                 (channel, destination, dedup_key),
             ).fetchone()
             if row is None:
@@ -87,12 +94,12 @@ class Outbox:
                     (channel, destination, dedup_key, payload, now, now, now),
                 )
                 return int(cur.lastrowid or 0)  # always set by an INSERT
-            item_id, state = row
-            if resend and state != "pending":
+            item_id, state, enqueued_at = row
+            if resend and state != "pending" and (source_received_at is None or enqueued_at < source_received_at):
                 self._db.execute(
                     "UPDATE outbox SET payload=?, state='pending', attempts=0, next_attempt_at=?, last_error=NULL,"
-                    " updated_at=? WHERE id=?",
-                    (payload, now, now, item_id),
+                    " created_at=?, updated_at=? WHERE id=?",
+                    (payload, now, now, now, item_id),
                 )
             return int(item_id)
 

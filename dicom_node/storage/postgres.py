@@ -631,7 +631,10 @@ class PostgresOutbox:
             logger.warning("sender leases not released at close (%s)", type(exc.__cause__).__name__)
         self._db.close()
 
-    def enqueue(self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False) -> int:
+    def enqueue(
+        self, channel: str, destination: str, dedup_key: str, payload: bytes, *, resend: bool = False,
+        source_received_at: float | None = None,
+    ) -> int:
         """Store an item durably and return its id (see ``Outbox.enqueue``)."""
         now = time.time()
         try:
@@ -650,18 +653,19 @@ class PostgresOutbox:
             if row is not None:
                 return int(row[0])
             cur.execute(
-                "SELECT id, state FROM outbox WHERE channel = %s AND destination = %s AND dedup_key = %s FOR UPDATE",
+                "SELECT id, state, created_at FROM outbox"
+                " WHERE channel = %s AND destination = %s AND dedup_key = %s FOR UPDATE",
                 (channel, destination, dedup_key),
             )
             found = cur.fetchone()
             if found is None:
                 raise StorageError(f"outbox item {channel}/{destination} vanished")
-            item_id, state = int(found[0]), found[1]
-            if resend and state != "pending":
+            item_id, state, enqueued_at = int(found[0]), found[1], float(found[2])
+            if resend and state != "pending" and (source_received_at is None or enqueued_at < source_received_at):
                 cur.execute(
                     "UPDATE outbox SET payload = %s, payload_key = %s, state = 'pending', attempts = 0,"
-                    " next_attempt_at = %s, last_error = NULL, updated_at = %s WHERE id = %s",
-                    (*stored, now, now, item_id),
+                    " next_attempt_at = %s, last_error = NULL, created_at = %s, updated_at = %s WHERE id = %s",
+                    (*stored, now, now, now, item_id),
                 )
             return item_id
 
