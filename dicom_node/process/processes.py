@@ -191,10 +191,7 @@ _context: StageContext | None = None  # a stage process's own, set by _start_sta
 
 def _start_stage_process(build: Callable[[], StageContext], reports: Any, log_level: int | None) -> None:
     global _context
-    _start_child("stage", log_level)
-    import cv2
-
-    cv2.setNumThreads(1)  # the pool is the parallelism: OpenCV's own threads would only contend with it
+    _start_child("stage", log_level)  # configure_process there keeps OpenCV to the calling thread, as in the node
     _context = build()
     reports.put(("started", os.getpid(), "stage"))
     if _context.metrics is not None:
