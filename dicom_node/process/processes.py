@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 #: The model process's exit status when a stage process died under it (a crash of the processing side).
 EXIT_STAGE_PROCESS_LOST = 3
 _REPORT_EVERY_S = 1.0
-_PARENT_POLL_S = 0.5
+_PARENT_POLL_S = 0.1  # an orphaned child works on (shared spool, queue, outbox) at most this long
 # Restart delays after the model process dies: from the first, doubling up to the last while it keeps dying.
 _RESTART_DELAY_S = (1.0, 30.0)
 _RUNS_LONG_ENOUGH_S = 60.0  # a model process that lived this long starts again after the shortest delay
