@@ -157,7 +157,8 @@ class WorkerSettings(_Section):
     output_threads: int = Field(2, ge=1, le=64)
     # 0: one process (decode and output threads as above). N: receiving and sending stay in the node's process,
     # the model runs in a child process, and N more decode, render and build outputs (process/processes.py).
-    # "auto" (the default): the cores less two, at least one. 0 (one process) suits tests and small sites.
+    # "auto" (the default): the cores this process may use (CPU affinity, a container's CPU quota) less two, at
+    # least one. 0 (one process) suits tests and small sites.
     processes: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
     # Trace the model pass for every batch-size bucket up to batch_size at start, before the first job (seconds
     # for InceptionV3), instead of stalling the first partial batch of each size under load.

@@ -27,7 +27,14 @@ from dicom_node.ops.metrics import Metrics
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
 from dicom_node.peers.node_process import free_port, wait_until
-from dicom_node.process.processes import ProcessMetrics, StageContext, StagePool, resolve_processes, snapshot
+from dicom_node.process.processes import (
+    ProcessMetrics,
+    StageContext,
+    StagePool,
+    available_cores,
+    resolve_processes,
+    snapshot,
+)
 from dicom_node.process.worker import JobOutcome, Worker
 from dicom_node.storage.jobs import Job, JobQueue, JobState, jobs_path
 from dicom_node.storage.spool import Spool
@@ -36,10 +43,34 @@ from tests.support.peers import sample
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_auto_is_one_process_on_small_machines_and_the_cores_less_two_above() -> None:
+def test_auto_is_one_stage_process_on_small_machines_and_the_cores_less_two_above() -> None:
     assert [resolve_processes("auto", cores) for cores in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 14]
     assert resolve_processes(3, cores=16) == 3
     assert resolve_processes(0, cores=16) == 0
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "50000 100000\n"}, 1),  # cgroup v2, half a CPU: rounded up to one
+        ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota: the affinity
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1, one CPU
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, unlimited
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_available_cores_heeds_a_container_cpu_quota(tmp_path: Path, files: dict[str, str],
+                                                     expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cores(str(tmp_path)) == (affinity if expected is None else min(affinity, expected))
+
+
+def test_a_large_quota_does_not_raise_the_affinity(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("6400000 100000\n")  # 64 CPUs
+    assert available_cores(str(tmp_path)) == len(os.sched_getaffinity(0))
 
 
 def test_node_metrics_sum_what_the_children_report() -> None:

@@ -24,6 +24,7 @@ Counters and histograms that the children keep (jobs processed, stage times, tru
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -437,6 +438,33 @@ def _running(pid: int) -> bool:
     return True
 
 
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, lowered to a cgroup CPU quota where one is set.
+
+    ``os.cpu_count()`` counts the host's cores; a container limited to two CPUs on a 64-core host would start 62
+    stage processes. Written here because the standard library reads neither a cgroup v2 ``cpu.max`` nor a v1
+    ``cpu.cfs_quota_us`` (the same rule as loky's ``cpu_count``: the quota over the period, rounded up).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota: float | None = None
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:  # v2: "max 100000" or "200000 100000"
+            limit, period = f.read().split()[:2]
+            quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) as f:  # v1: -1 when unlimited
+                limit_us = int(f.read())
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) as f:
+                period_us = int(f.read())
+            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
 def resolve_processes(setting: int | str, cores: int | None = None) -> int:
     """``worker.processes`` as a number: "auto" is one stage process per core beyond the two that receiving and
     the model take, and at least one. On the 2-core test machine one stage process beat one process with threads
@@ -444,5 +472,5 @@ def resolve_processes(setting: int | str, cores: int | None = None) -> int:
     per image, 8.9/7.4/9.7 against 6.7/5.7/6.4 images/s, C-STORE p99 233/149/53 against 292/283/178 ms)."""
     if setting != "auto":
         return int(setting)
-    cores = cores if cores is not None else (os.cpu_count() or 1)
+    cores = cores if cores is not None else available_cores()
     return max(1, cores - 2)
