@@ -21,7 +21,15 @@ import pytest
 
 from bench.delivery import Peers, collect_delivery
 from dicom_node.peers.modality import RetryingModality
-from dicom_node.peers.node_process import PACS_AE, ROOT, NodeLayout, free_port, new_layout, wait_until
+from dicom_node.peers.node_process import (
+    PACS_AE,
+    ROOT,
+    NodeLayout,
+    free_port,
+    new_layout,
+    process_tree,
+    wait_until,
+)
 from dicom_node.peers.synthetic_cr import chest_images
 from tests.support import postgres as pg_support
 from tests.support.postgres import PostgresCluster, needs_postgres
@@ -115,24 +123,6 @@ retry_max_s = 1.0
 """)
 
 
-def _family(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # gone meanwhile
-    family, grew = {pid}, True
-    while grew:
-        below = {child for child, parent in parents.items() if parent in family} - family
-        family |= below
-        grew = bool(below)
-    return sorted(family)
-
-
 def query(url: str, sql: str) -> list[tuple]:
     with psycopg.connect(url) as conn:
         return conn.execute(sql).fetchall()  # type: ignore[arg-type]
@@ -174,7 +164,7 @@ def test_two_ingest_two_workers_one_sender_each_output_once(
         # SIGKILL worker 1 once it has done a few jobs, while it holds claimed ones (in the middle of a batch).
         # With worker.processes (the default "auto") its model process claims the jobs, under its own pid.
         def holders() -> str:
-            return " OR ".join(f"claimed_by LIKE '%:{pid}:%'" for pid in _family(worker_1.pid))
+            return " OR ".join(f"claimed_by LIKE '%:{pid}:%'" for pid in process_tree(worker_1.pid))
 
         def worker_1_busy() -> bool:
             return len(re.findall(r"job \d+ done", worker_1.this_life())) >= 3 and query(

@@ -201,7 +201,7 @@ class NodeProcess:
 
     def rss_mb(self) -> float:
         """Resident set size of the node, summed over its processes (``VmRSS`` in ``/proc/PID/status``), in MiB."""
-        return sum(_rss_mb(pid) for pid in _process_tree(self.pid))
+        return sum(_rss_mb(pid) for pid in process_tree(self.pid))
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -218,7 +218,7 @@ def _rss_mb(pid: int) -> float:
     return next((int(line.split()[1]) / 1024.0 for line in lines if line.startswith("VmRSS:")), 0.0)
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (Linux ``/proc``): the node's model and stage processes with worker.processes."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
