@@ -43,7 +43,7 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from dicom_node.ops.metrics import Metrics
-from dicom_node.process.worker import JobOutcome, Stages, Worker, finish_job, prepare_job
+from dicom_node.process.worker import JobOutcome, Stages, Worker, finish_job, prepare_job, timed_stage
 from dicom_node.settings import WorkerSettings
 from dicom_node.storage.backend import JobStore
 from dicom_node.storage.jobs import Job
@@ -200,24 +200,14 @@ def _start_stage_process(build: Callable[[], StageContext], reports: Any, log_le
                          name="cxr-lens-stage-metrics", daemon=True).start()
 
 
-def _timed(stage: str, function: Callable[..., Any], *args: Any) -> Any:
-    assert _context is not None
-    started = time.perf_counter()
-    try:
-        return function(*args)
-    finally:
-        if _context.metrics is not None:
-            _context.metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
-
-
 def _prepare_here(job: Job) -> Any:
     assert _context is not None
-    return _timed("prepare", prepare_job, _context.stages, _context.spool, _context.queue, job)
+    return timed_stage(_context.metrics, "prepare", prepare_job, _context.stages, _context.spool, _context.queue, job)
 
 
 def _finish_here(job: Job, item: Any, result: Any) -> JobOutcome:
     assert _context is not None
-    outcome: JobOutcome = _timed("output", finish_job, _context.stages, job, item, result)
+    outcome: JobOutcome = timed_stage(_context.metrics, "output", finish_job, _context.stages, job, item, result)
     return outcome
 
 

@@ -126,6 +126,16 @@ def finish_job(stages: Stages, job: Job, item: Any, result: Any) -> JobOutcome:
         return failed_outcomes("finish", [job], exc)[0]
 
 
+def timed_stage(metrics: Metrics | None, stage: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, its time observed in ``metrics``' stage histogram under ``stage`` (raised or not)."""
+    started = time.perf_counter()
+    try:
+        return function(*args)
+    finally:
+        if metrics is not None:
+            metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+
+
 class StageRunner(Protocol):
     """Where ``prepare`` and ``finish`` run for the worker: each call returns at once with a future."""
 
@@ -151,22 +161,16 @@ class ThreadStageRunner:
         self._output = ThreadPoolExecutor(output_threads, thread_name_prefix="cxr-lens-output")
 
     def prepare(self, job: Job) -> Future[Any]:
-        return self._decode.submit(self._timed, "prepare", prepare_job, self._stages, self._spool, self._queue, job)
+        return self._decode.submit(timed_stage, self._metrics, "prepare", prepare_job, self._stages, self._spool,
+                                   self._queue, job)
 
     def finish(self, job: Job, item: Any, result: Any) -> Future[JobOutcome]:
-        return self._output.submit(self._timed, "output", finish_job, self._stages, job, item, result)
+        return self._output.submit(timed_stage, self._metrics, "output", finish_job, self._stages, job, item, result)
 
     def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
         for pool in (self._decode, self._output):
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
-    def _timed(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return function(*args)
-        finally:
-            if self._metrics is not None:
-                self._metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
 
 
 @dataclass
