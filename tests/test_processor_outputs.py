@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,32 +46,13 @@ from dicom_node.process.rules import load_rules
 from dicom_node.settings import DestinationSettings, LabelCode, OutputsSettings, Settings, load_settings
 from dicom_node.storage.jobs import JobState
 from dicom_node.storage.outbox import Outbox
+from tests.support.outputs import StandInExplanation, StandInModel
 
 LABELS = ("no_finding", "focal_opacity")
 
 
-@dataclass(frozen=True)
-class StandInModel:
-    """The fields of ``models.loading.LoadedModel`` the processor reads."""
-
-    labels: tuple[str, ...] = LABELS
-    model_id: str = "test-cnn"
-    version: str = "2.0"
-    is_demo: bool = True
-    input_size: tuple[int, int] = (64, 64)
-    channels: int = 1
-    preprocess: str = "unit"
-
-
-@dataclass(frozen=True)
-class StandInExplanation:
-    """What ``explain.explain`` returns, for a batch of one: a hot spot in the upper left of a 16x16 map."""
-
-    probabilities: np.ndarray = field(default_factory=lambda: np.array([[0.2, 0.8]], np.float32))
-    class_index: np.ndarray = field(default_factory=lambda: np.array([1]))
-    heatmaps: np.ndarray = field(default_factory=lambda: _hot_spot()[np.newaxis])
-    method: str = "gradcam"
-    target_layer: str = "conv"
+# A model of its own (not the demo's id, version or input size), so the outputs are seen to name what they are given.
+MODEL = StandInModel(labels=LABELS, model_id="test-cnn", version="2.0", input_size=(64, 64))
 
 
 def _hot_spot() -> np.ndarray:
@@ -82,7 +63,7 @@ def _hot_spot() -> np.ndarray:
 
 def _processor(**outputs: Any) -> Processor:
     settings = Settings().model_copy(update={"outputs": OutputsSettings(**outputs)})
-    return Processor(settings, StandInModel(), load_rules(None))  # type: ignore[arg-type]
+    return Processor(settings, MODEL, load_rules(None))  # type: ignore[arg-type]
 
 
 def _source(**kw: Any) -> Dataset:
@@ -92,7 +73,9 @@ def _source(**kw: Any) -> Dataset:
 def _processed(processor: Processor, source: Dataset | None = None) -> Processed:
     item = processor.prepare(source if source is not None else _source())
     assert isinstance(item, Prepared)
-    return processor.build_outputs(item, ModelResult(StandInExplanation(), 0, 1.0))
+    # A hot spot in the upper left of a 16x16 map, the second class called at 0.8.
+    explanation = StandInExplanation(_hot_spot()[np.newaxis], np.array([[0.2, 0.8]], np.float32))
+    return processor.build_outputs(item, ModelResult(explanation, 0, 1.0))
 
 
 def _round_trip(ds: Dataset) -> Dataset:

@@ -4,8 +4,6 @@ framework: the explanation is a stand-in whose map lies where the test puts it (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import cv2
 import hl7
 import numpy as np
@@ -21,30 +19,10 @@ from dicom_node.settings import Settings, load_settings
 from explain.regions import BORDER, LUNGS, MARKERS
 from explain.trust import SHARE_NAMES, TrustThresholds
 from models.synthetic import AnatomySet, generate_anatomy
+from tests.support.outputs import StandInExplanation, StandInModel
 
 MAP_SIZE = 32
 ALERT_RED = (200, 0, 0)
-
-
-@dataclass(frozen=True)
-class StandInModel:
-    """The fields of ``models.loading.LoadedModel`` the processor reads."""
-
-    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
-    model_id: str = "cxr-lens-demo-cnn"
-    version: str = "1.0.0"
-    is_demo: bool = True
-    input_size: tuple[int, int] = (256, 256)
-    channels: int = 1
-    preprocess: str = "unit"
-
-
-@dataclass(frozen=True)
-class StandInExplanation:
-    heatmaps: np.ndarray
-    probabilities: np.ndarray = field(default_factory=lambda: np.array([[0.1, 0.9]], np.float32))
-    class_index: np.ndarray = field(default_factory=lambda: np.array([1]))
-    method: str = "gradcam"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +53,8 @@ def _source(phantom: AnatomySet) -> Dataset:
 def _processed(processor: Processor, source: Dataset, heatmap: np.ndarray) -> Processed:
     item = processor.prepare(source)
     assert isinstance(item, Prepared)
-    return processor.build_outputs(item, ModelResult(StandInExplanation(heatmap[np.newaxis]), 0, 1.0))
+    explanation = StandInExplanation(heatmap[np.newaxis], np.array([[0.1, 0.9]], np.float32))
+    return processor.build_outputs(item, ModelResult(explanation, 0, 1.0))
 
 
 def _alert_rows(overlay: np.ndarray) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
@@ -10,6 +13,30 @@ from dicom_node.peers.synthetic_cr import make_cr_dataset
 
 # The kinds of :func:`source_radiograph`: pydicom's RG1 and synthetic radiographs, each with another gap.
 SOURCE_KINDS = ["rg1", "cr_without_orientation", "cr_monochrome1_empty_orientation", "dx_with_imager_spacing"]
+
+
+@dataclass(frozen=True)
+class StandInModel:
+    """The fields of ``models.loading.LoadedModel`` the processor reads; the demo model's by default."""
+
+    labels: tuple[str, ...] = ("no_finding", "focal_opacity")
+    model_id: str = "cxr-lens-demo-cnn"
+    version: str = "1.0.0"
+    is_demo: bool = True
+    input_size: tuple[int, int] = (256, 256)
+    channels: int = 1
+    preprocess: str = "unit"
+
+
+@dataclass(frozen=True)
+class StandInExplanation:
+    """What ``explain.explain`` returns for a batch of one: ``heatmaps`` (1, h, w) and the probabilities."""
+
+    heatmaps: np.ndarray
+    probabilities: np.ndarray
+    class_index: np.ndarray = field(default_factory=lambda: np.array([1]))
+    method: str = "gradcam"
+    target_layer: str = "conv"
 
 
 def inference_result(**changes: object) -> InferenceResult:
