@@ -85,8 +85,13 @@ def map_grid(rows: int, columns: int, max_long_side: int) -> tuple[int, int, int
     its last row and column blocks cut by the source's edge."""
     if max_long_side < 0:
         raise ValueError(f"max_long_side must be >= 0, got {max_long_side}")
-    factor = max(1, -(-max(rows, columns) // max_long_side)) if max_long_side else 1
-    return -(-rows // factor), -(-columns // factor), factor
+    factor = max(1, _blocks(max(rows, columns), max_long_side)) if max_long_side else 1
+    return _blocks(rows, factor), _blocks(columns, factor), factor
+
+
+def _blocks(pixels: int, factor: int) -> int:
+    """How many blocks of ``factor`` pixels cover ``pixels`` (the last one cut by the edge)."""
+    return -(-pixels // factor)
 
 
 def map_levels(
@@ -105,7 +110,7 @@ def map_levels(
         raise ValueError(f"heatmap must be a non-empty 2-D (h, w) array, got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         raise ValueError("heatmap contains NaN or infinite values")
-    out_rows, out_columns = -(-rows // factor), -(-columns // factor)
+    out_rows, out_columns = _blocks(rows, factor), _blocks(columns, factor)
     if no_evidence:
         return np.zeros((out_rows, out_columns), np.uint16)
     # Separable linear interpolation (cv2.resize's half-pixel convention, edges clamped), evaluated exactly at each
