@@ -365,16 +365,16 @@ retry_max_s = 1.0
         proc.wait(timeout=10)
         proc = _start(config, log)
         _ready(node_port, proc, log)
+
         def stored() -> set[str]:
             return {r.sop_instance_uid for r in pacs.received}
 
+        def reported() -> set[str]:  # the ORUs' MSH-10 (the sink names each file <n>_<MSH-10>.hl7)
+            return {path.stem.split("_", 1)[1] for path in ris.out_dir.glob("*.hl7")}
+
         assert wait_until(lambda: _jobs(spool).get("done", 0) == sent and len(stored()) == sent
-                          and len(list(ris.out_dir.glob("*.hl7"))) == sent, 240), (_jobs(spool), len(stored()))
+                          and len(reported()) == sent, 240), (_jobs(spool), len(stored()), len(reported()))
         time.sleep(2.0)  # anything sent twice would arrive now
-        # Killing the whole group may land between the PACS's Success and the outbox recording it: that one
-        # Secondary Capture is sent again after the restart, under the same SOP Instance UID (the archive
-        # replaces it). Nothing else is ever sent twice: the killed model and stage processes send nothing.
-        assert len(pacs.received) - len(stored()) <= 1, sorted(r.sop_instance_uid for r in pacs.received)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -382,9 +382,16 @@ retry_max_s = 1.0
         ris.stop()
     assert proc.returncode == 0
     assert "did not stop in time" not in log.read_text()  # each stop ended the model process, none killed it
+    # Each of the two whole-group kills may land between a peer's acknowledgement and the outbox recording it:
+    # that one Secondary Capture (and that one ORU) is sent again after the restart, under the same SOP Instance
+    # UID (the archive replaces it) and the same MSH-10 (the receiver can tell it is a duplicate). Nothing else is ever
+    # sent twice: the killed model and stage processes send nothing themselves.
+    kills = 2
     sops = [r.sop_instance_uid for r in pacs.received]
-    assert len(sops) == sent and len(set(sops)) == sent, "a Secondary Capture arrived twice or not at all"
-    assert len(list(ris.out_dir.glob("*.hl7"))) == sent
+    assert len(set(sops)) == sent, "a Secondary Capture did not arrive"
+    assert len(sops) - sent <= kills, f"{len(sops) - sent} Secondary Captures sent twice; at most one per group kill"
+    hl7_files = list(ris.out_dir.glob("*.hl7"))
+    assert len(reported()) == sent and len(hl7_files) - sent <= kills, (len(reported()), len(hl7_files))
     assert _jobs(spool) == {"done": sent}
 
 
