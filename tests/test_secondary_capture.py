@@ -116,3 +116,33 @@ def test_written_file_validates_renders_and_reads_back_strictly(source_name: str
         np.testing.assert_array_equal(back.pixel_array, overlay)
     finally:
         pydicom_config.settings.reading_validation_mode = old
+
+
+def test_highdicom_iod_lookups_are_cached_and_answer_as_highdicom_does() -> None:
+    import highdicom._standard_utils as standard_utils
+    import highdicom.base
+    import highdicom.sr.content
+
+    from dicom_node.outputs import iod_lookups
+
+    # Installed over highdicom's own function in the modules that call it while building our objects; were a
+    # highdicom upgrade to change the function, install() would leave it alone and this would say so.
+    assert iod_lookups.installed >= 3
+    for module in (standard_utils, highdicom.base, highdicom.sr.content):
+        assert module.is_attribute_in_iod is iod_lookups.is_attribute_in_iod
+    original = iod_lookups._original
+    cases = [
+        ("PixelData", "1.2.840.10008.5.1.4.1.1.1", ["IconImageSequence"]),  # CR: an image
+        ("PixelData", "1.2.840.10008.5.1.4.1.1.88.34", ["IconImageSequence"]),  # Comprehensive 3D SR: not one
+        ("ContentDate", "1.2.840.10008.5.1.4.1.1.7", None),
+        ("ContentDate", "1.2.840.10008.5.1.4.1.1.30", None),  # Parametric Map
+        ("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.1", None),
+        ("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.1.1", None),
+    ]
+    answers = {original(*case) for case in cases}
+    assert answers == {True, False}  # the cases tell the answers apart
+    for case in cases:
+        assert iod_lookups.is_attribute_in_iod(*case) == original(*case)
+        assert iod_lookups.is_attribute_in_iod(*case) == original(*case)  # and again, from the cache
+    assert iod_lookups._cached.cache_info().hits >= len(cases)
+    assert standard_utils.does_iod_have_pixel_data("1.2.840.10008.5.1.4.1.1.1") is True

@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+import dicom_node.outputs.iod_lookups  # noqa: F401  (highdicom's IOD lookups cached per process: see there)
 from dicom_node.errors import CxrLensError
 from dicom_node.outputs.results import (
     AI_DISCLAIMER,

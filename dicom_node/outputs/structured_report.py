@@ -34,6 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+import dicom_node.outputs.iod_lookups  # noqa: F401  (highdicom's IOD lookups cached per process: see there)
 from dicom_node.errors import CxrLensError
 from dicom_node.outputs.results import NODE_MANUFACTURER, NODE_MODEL_NAME, InferenceResult
 from dicom_node.outputs.secondary_capture import _instance_number, software_version

@@ -28,6 +28,7 @@ from dicom_node.errors import CxrLensError, ModelError
 from dicom_node.imaging import pixels
 from dicom_node.imaging.instance import Instance, read_file
 from dicom_node.ops.metrics import Metrics
+from dicom_node.outputs import iod_lookups
 from dicom_node.outputs.oru import build_oru, new_message_control_id
 from dicom_node.outputs.parametric_map import build_parametric_map
 from dicom_node.outputs.results import (
@@ -155,6 +156,7 @@ class Processor:
         self._label_codes = {
             label: Code(code.value, code.scheme, code.meaning) for label, code in settings.outputs.label_codes.items()
         }
+        iod_lookups.load_tables()  # before the start-up's heap freeze, not at the first image (see there)
 
     def warm_up(self, batch_size: int, should_stop: Callable[[], bool]) -> None:
         """Trace every batch-size bucket up to ``batch_size`` before the first job (see ``explain.warm_up``)."""
