@@ -25,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import pydicom
+from pydicom.uid import generate_uid
+
 
 def _sinks(directory: Path) -> int:
     from dicom_node.peers.dicom_sink import DicomSink
@@ -69,6 +72,19 @@ def _send(port: int, ae_title: str, files: list[str]) -> int:
     assoc.release()
     print(json.dumps({"start": start, "end": end, "ms": times, "errors": errors}), flush=True)
     return 0
+
+
+def copies(source: Path, n: int, directory: Path) -> list[Path]:
+    """``n`` copies of ``source`` as files (new Study/Series/SOP Instance UIDs each; pixel data as stored)."""
+    directory.mkdir(parents=True)
+    ds = pydicom.dcmread(source)
+    paths = []
+    for i in range(n):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths.append(directory / f"{i:05d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
 
 
 class Sinks:

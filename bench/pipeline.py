@@ -52,11 +52,9 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
 
-from bench.peers import Sinks, push  # noqa: E402
+from bench.peers import Sinks, copies, push  # noqa: E402
 from dicom_node.settings import DestinationSettings, Settings, load_settings  # noqa: E402
 
 SYNTAXES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
@@ -94,19 +92,6 @@ class StageTimes:
         with self._lock:
             samples, self.samples = self.samples, defaultdict(list)
         return samples
-
-
-def _copies(source: Path, n: int, directory: Path) -> list[Path]:
-    """``n`` copies of ``source`` as files (new Study/Series/SOP Instance UIDs each; pixel data as stored)."""
-    directory.mkdir(parents=True)
-    ds = pydicom.dcmread(source)
-    paths = []
-    for i in range(n):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        paths.append(directory / f"{i:05d}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    return paths
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -370,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         # (the server's CPU counts in the machine's column, not the node's).
         print(f"storage: {redacted(settings.storage.url) if is_postgres(settings.storage.url) else 'sqlite'}")
         print(f"bare forward pass: {forward:.1f} ms per image at batch {batch} (median of 15)\n", flush=True)
-        inputs = {name: (_copies(Path(get_testdata_file(name)), batch, tmp / f"{name}-warm"),
-                         _copies(Path(get_testdata_file(name)), args.n, tmp / name))
+        inputs = {name: (copies(Path(get_testdata_file(name)), batch, tmp / f"{name}-warm"),
+                         copies(Path(get_testdata_file(name)), args.n, tmp / name))
                   for name in SYNTAXES if name[4:8] in args.syntaxes.split(",")}
         runs: list[tuple[int, list[tuple[Any, ...]]]] = []
         ok = True
