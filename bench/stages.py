@@ -3,8 +3,8 @@
 ``bench.pipeline`` gives the node's CPU per image by process and thread role; this gives the bill of one image's
 work by step, so that a budget can be set per output and a change measured where it acts. For each transfer
 syntax of RG1 (UNCR, J2KR, J2KI) it runs the node's own code on N images, one after the other in this thread, with
-nothing else running, and prints core-ms per image (``time.thread_time``; the model pass, which runs on the
-framework's threads, in ``time.process_time``):
+nothing else running, and prints core-ms per image (``time.thread_time``; rendering and the model pass, which run
+on the JPEG 2000 decoder's and the framework's threads too, in ``time.process_time``):
 
   spool key     SHA-256 of the received bytes (``Spool.key_for``, what the C-STORE handler hashes)
   parse         the spooled file's header and a view of its Pixel Data (``read_file``)
@@ -80,7 +80,7 @@ def measure(processor: Any, data: bytes, n: int, batch: int, outbox_dir: Path) -
             for _ in range(min(batch, n - done)):
                 timed("spool key", time.thread_time, Spool.key_for, data)
                 instance = timed("parse", time.thread_time, _parse_spooled, data)
-                item = timed("render", time.thread_time, processor.prepare, instance.header, instance.pixel_data)
+                item = timed("render", time.process_time, processor.prepare, instance.header, instance.pixel_data)
                 assert isinstance(item, Prepared), item
                 items.append(item)
             results = timed("model", time.process_time, processor.infer, items)
