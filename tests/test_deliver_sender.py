@@ -8,11 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ParametricMapStorage  # type: ignore[attr-defined]
 
 from dicom_node.deliver import dicom, mllp
 from dicom_node.deliver.dicom import DicomSender
@@ -182,6 +185,43 @@ def test_store_error_comment_goes_to_the_outbox_not_the_log(
 
 
 # --- the shared policy ----------------------------------------------------------------------------------------
+
+
+def _part10(sop_class: str) -> bytes:
+    """A small Part 10 object of ``sop_class`` (the sink stores any storage object as it comes)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.PatientID = "LOGNAME-1"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_log_names_each_object_by_its_kind(
+    tmp_path: Path, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    pacs = DicomSink(tmp_path / "pacs")
+    pacs.start()
+    try:
+        sender = dicom_sender(outbox, pacs.port, Metrics())
+        source = sample("RG1_UNCR.dcm").read_bytes()
+        payloads = {"SC": fake_secondary_capture(source), "Parametric Map": _part10(ParametricMapStorage),
+                    "SR": _part10(Comprehensive3DSRStorage)}
+        ids = {name: sender.enqueue(payload, name)[0] for name, payload in payloads.items()}
+        (unreadable,) = sender.enqueue(b"not a DICOM file", "unreadable")
+        with caplog.at_level(logging.INFO, logger="dicom_node.deliver"):
+            for _ in range(4):
+                sender.run_once()
+    finally:
+        pacs.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("dicom_node.deliver")]
+    for name, item_id in ids.items():
+        assert any(line.startswith(f"{name} {item_id} (") and "delivered to" in line for line in lines), lines
+    assert any(line.startswith(f"DICOM object {unreadable} (") and "parked" in line for line in lines), lines
+    assert len(pacs.received) == 3
+    assert not any("LOGNAME-1" in line for line in lines)  # the patient's ID stays in the payload
 
 
 def test_one_disposition_for_both_channels() -> None:

@@ -185,7 +185,8 @@ port = {hl7_port}
         assert wait_until(lambda: _echo(node_port, proc), timeout=180), stderr_path.read_text(errors="replace")
         assert c_store(node_port, ds) == 0x0000
         assert wait_until(lambda: len(pacs.received) == len(DICOM_OUTPUTS) and any(ris.out_dir.glob("*.hl7")))
-        delivered = (r"HL7 \S+ delivered to", r"SC \d+ .* delivered to")  # the senders' last words per item
+        delivered = (r"HL7 \S+ delivered to", r"SC \d+ .* delivered to",  # the senders' last words per item
+                     r"Parametric Map \d+ .* delivered to", r"SR \d+ .* delivered to")
         assert wait_until(lambda: all(re.search(p, stderr_path.read_text(errors="replace")) for p in delivered),
                           timeout=30)
     finally:

@@ -44,6 +44,10 @@ CHANNEL = "dicom"
 # behind the other, share one association instead of opening one each.
 RESULT_SOP_CLASSES: tuple[str, ...] = (SecondaryCaptureImageStorage, ParametricMapStorage, Comprehensive3DSRStorage)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: What the log calls each object (by its Media Storage SOP Class UID); another SOP Class is a "DICOM object".
+OBJECT_NAMES: dict[str, str] = {
+    SecondaryCaptureImageStorage: "SC", ParametricMapStorage: "Parametric Map", Comprehensive3DSRStorage: "SR",
+}
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03  # A-ASSOCIATE-AC presentation context result (PS3.8 Table 9-18)
 
 
@@ -151,6 +155,7 @@ class DicomSender(OutboxSender):
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu
         self.sop_classes = tuple(UID(uid) for uid in sop_classes)
+        self._names: dict[int, str] = {}  # outbox id -> what describe() calls the object read for sending
         # Built once: the files were checked when the settings loaded.
         self._tls: dict[str, ssl.SSLContext] = {
             key: d.tls.context() for key, d in self._destinations.items() if d.tls.enabled
@@ -160,7 +165,16 @@ class DicomSender(OutboxSender):
         return tuple(self._destinations)
 
     def describe(self, item: OutboxItem) -> str:
-        return f"SC {item.id} ({uid_hash(item.dedup_key)})"
+        """``SC 12 (<hash>)``, ``Parametric Map 13 (...)`` or ``SR 14 (...)``: the object (as read for sending; a
+        payload that could not be read is a "DICOM object"), its outbox id and the hash of its SOP Instance UID
+        (never the UID: no PHI in logs)."""
+        return f"{self._names.pop(item.id, 'DICOM object')} {item.id} ({uid_hash(item.dedup_key)})"
+
+    def _read(self, item: OutboxItem) -> tuple[Dataset, tuple[UID, UID]]:
+        """The object in ``item`` and its presentation context; remembers its name for :meth:`describe`."""
+        ds, context = _read(item)
+        self._names[item.id] = OBJECT_NAMES.get(context[0], "DICOM object")
+        return ds, context
 
     def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str, *, source_received_at: float | None = None) -> list[int]:
         """Store one DICOM object for every destination; returns the outbox ids.
@@ -179,7 +193,7 @@ class DicomSender(OutboxSender):
     def attempt(self, destination: str, item: OutboxItem, now: float | None) -> int:
         """C-STORE ``item`` and the due items behind it that the association can carry, over one association."""
         try:
-            ds, context = _read(item)
+            ds, context = self._read(item)
         except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
             self.settle(destination, item, _association_outcome(AssociationOutcome.PAYLOAD_UNREADABLE), now)
             return 0
@@ -241,7 +255,7 @@ class DicomSender(OutboxSender):
         any, to ``run_once``: a new association for it, or the park of an unreadable payload."""
         while (current := self.due(destination, now)) is not None:
             try:
-                ds, context = _read(current)
+                ds, context = self._read(current)
             except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError):
                 return None
             if _carries(assoc, context):
