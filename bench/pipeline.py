@@ -14,9 +14,10 @@ cores):
               lossless <= 2x, uncompressed <= 1.5x);
   ingest      images per second the SCP accepted while the node was processing (target >= 30/s);
   C-STORE     reply time p50 / p99 at the senders (target p99 < 0.5 s);
-  stages      medians per image of the node's stages: prepare (read, parse, decode, render), model (one pass
-              per batch, divided by its size) and output (overlay, SC, Parametric Map, SR, ORU, durable enqueue);
-              in-process nodes only;
+  stages      ms per image in the node's stages: prepare (read, parse, decode, render), model (one pass per
+              batch, divided by its size) and output (overlay, SC, Parametric Map, SR, ORU, durable enqueue);
+              medians in one process (``worker.processes = 0``), else means from the stage histogram the model
+              and stage processes report (``cxr_lens_stage_seconds``);
   CPU         core-ms per image over the same span: the node (all its processes), and the whole machine (peers
               included); then the node's CPU split by role (Linux ``/proc``): this process's threads grouped by
               what they run, and the model process and the stage processes of ``worker.processes``.
@@ -61,6 +62,9 @@ SYNTAXES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 TARGETS = {"RG1_UNCR.dcm": 1.5, "RG1_J2KR.dcm": 2.0}
 INGEST_TARGET = 30.0
 P99_TARGET_MS = 500.0
+# The model and stage processes report their metrics to the node every second (dicom_node.process.processes):
+# waited before reading the stage histogram, so that a span's figures hold all of its reports and none of the last.
+CHILD_REPORTS_S = 2.0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -225,6 +229,35 @@ def _go(marks: list[tuple[float, float]], thread_cpu: ThreadCpu, child_cpu: Chil
     marks.append(_cpu_seconds())
     thread_cpu.start()
     child_cpu.start()
+
+
+def _stage_totals(node: Any) -> dict[str, tuple[float, float]]:
+    """(seconds, observations) per stage of the node's stage histogram, its child processes' reports included."""
+    metrics = node.metrics
+    families = metrics.merged() if hasattr(metrics, "merged") else metrics.registry.collect()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for family in families:
+        if family.name != "cxr_lens_stage_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                totals[sample.labels["stage"]][0] += sample.value
+            elif sample.name.endswith("_count"):
+                totals[sample.labels["stage"]][1] += sample.value
+    return {stage: (seconds, count) for stage, (seconds, count) in totals.items()}
+
+
+def _stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+                 images: int) -> tuple[float, float, float]:
+    """prepare and output ms per call, and the model's ms per image (its histogram has one entry per batch)."""
+    def delta(stage: str) -> tuple[float, float]:
+        (s0, c0), (s1, c1) = before.get(stage, (0.0, 0.0)), after.get(stage, (0.0, 0.0))
+        return (s1 - s0) * 1e3, c1 - c0
+
+    (prepare_ms, prepared), (batch_ms, _), (output_ms, output) = delta("prepare"), delta("batch"), delta("output")
+    nan = float("nan")
+    return (prepare_ms / prepared if prepared else nan, batch_ms / images if images else nan,
+            output_ms / output if output else nan)
 
 
 def _wait(node: Any, sinks: Sinks, expected: int, timeout: float, objects: int = 1) -> float:
@@ -410,6 +443,9 @@ def _run(settings: Settings, processes: int, processor: Any, inputs: dict[str, t
             _wait(node, sinks, expected, 600, objects)
             if stages is not None:
                 stages.reset()
+            else:
+                time.sleep(CHILD_REPORTS_S)  # the children's reports catch up with the warm-up
+            stage_totals = _stage_totals(node)
             expected += args.n
             cpu_at_go: list[tuple[float, float]] = []
             profiler.start(f"{name[4:8]}-p{processes}")
@@ -423,11 +459,16 @@ def _run(settings: Settings, processes: int, processor: Any, inputs: dict[str, t
                 (after - before) * 1e3 / args.n for before, after in zip(cpu_at_go[0], _cpu_seconds(), strict=True)
             )
             node_cpu += sum(cpu for cpu, _ in children.values()) * 1e3 / args.n
-            samples = stages.reset() if stages is not None else defaultdict(list)
+            if stages is not None:
+                samples = stages.reset()
+                medians = tuple(statistics.median(samples[s]) if samples[s] else float("nan")
+                                for s in ("prepare", "infer", "finish"))
+            else:
+                time.sleep(CHILD_REPORTS_S)  # the children's last reports of the span
+                medians = _stage_means(stage_totals, _stage_totals(node), args.n)
             per_image = total * 1e3 / args.n
             rows.append((name[4:8], per_image, args.n / ingest_s, _percentile(times, 50), _percentile(times, 99),
-                         max(times), *(statistics.median(samples[s]) if samples[s] else float("nan")
-                                       for s in ("prepare", "infer", "finish")), node_cpu, machine_cpu))
+                         max(times), *medians, node_cpu, machine_cpu))
             print(f"  {name} (worker.processes {processes}): done", flush=True)
     finally:
         node.stop()
@@ -441,9 +482,9 @@ def _print_rows(rows: list[tuple[Any, ...]], args: argparse.Namespace, forward: 
               f"{'p99 ms':>8}{'max ms':>8}{'prepare':>9}{'model':>8}{'output':>8}{'node cpu':>10}{'all cpu':>9}")
     print(f"\nworker.processes = {processes}. End to end, {args.n} images per syntax over {args.senders} "
           f"associations. ms/img: first C-STORE to last output delivered, per image (fill and drain included); "
-          f"/fwd: its ratio to the forward pass (stage medians in ms/img; in-process nodes only). CPU in core-ms per "
-          f"image over the same span: the node's processes, and the whole machine (peers, which a PACS and an HL7 "
-          f"engine would run elsewhere, included)")
+          f"/fwd: its ratio to the forward pass (stages in ms/img: medians in one process, means across "
+          f"processes). CPU in core-ms per image over the same span: the node's processes, and the whole machine "
+          f"(peers, which a PACS and an HL7 engine would run elsewhere, included)")
     print(header)
     print("-" * len(header))
     ok = True
