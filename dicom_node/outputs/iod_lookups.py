@@ -4,8 +4,9 @@ highdicom asks "is this attribute part of that IOD?" (``highdicom._standard_util
 builds each Secondary Capture, Parametric Map and SR: whether the source is an image (for its Contributing
 Equipment), whether the IOD has Content Date and Time, whether a referenced image is multi-frame. Each call scans
 every module of the IOD in the standard's tables that highdicom ships: about 15 calls per image with the default
-outputs, 6-7 core-ms per RG1 image of the node's ~75 in its output stage (measured on the 2-core test VM, same
-images, with and without). The answer depends only on the arguments and those tables, so :func:`install` caches it.
+outputs. Cached, the stage process spent 8-10 core-ms less per RG1 image (~80 -> ~72; bench.pipeline, alternating
+runs with and without, 2-core test VM). The answer depends only on the arguments and those tables, so
+:func:`install` caches it.
 
 Written by hand because highdicom (0.28.2) has no cache or switch for it. It is installed only over the function
 it was written for (same parameters), in each highdicom module that holds it under that name; after an upgrade
@@ -63,7 +64,7 @@ def load_tables() -> None:
     Called where a process that builds outputs starts (:class:`dicom_node.process.processor.Processor`), so that
     they are alive when its start-up ends and freezes its heap (:func:`dicom_node.startup.freeze_heap`): the cyclic
     collector then never walks them again. Read by the first image's outputs instead, they would be walked by
-    every full collection of that process (~40 ms each, measured)."""
+    every full collection of that process (one over a stage process's ~330,000 objects took ~60 ms here)."""
     standard_utils.get_sop_class_iod_map()
     standard_utils.get_iod_module_map()
     standard_utils.get_module_attribute_map()
