@@ -126,14 +126,19 @@ def finish_job(stages: Stages, job: Job, item: Any, result: Any) -> JobOutcome:
         return failed_outcomes("finish", [job], exc)[0]
 
 
+def observe_stage(metrics: Metrics | None, stage: str, started: float) -> None:
+    """The time since ``started`` (``time.perf_counter()``) in ``metrics``' stage histogram under ``stage``."""
+    if metrics is not None:
+        metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+
+
 def timed_stage(metrics: Metrics | None, stage: str, function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)``, its time observed in ``metrics``' stage histogram under ``stage`` (raised or not)."""
     started = time.perf_counter()
     try:
         return function(*args)
     finally:
-        if metrics is not None:
-            metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+        observe_stage(metrics, stage, started)
 
 
 class StageRunner(Protocol):
@@ -170,7 +175,6 @@ class ThreadStageRunner:
     def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
         for pool in (self._decode, self._output):
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-
 
 
 @dataclass
@@ -404,7 +408,7 @@ class Worker:
                 self._record(outcome)
             return
         finally:
-            self._observe("batch", started)
+            observe_stage(self._metrics, "batch", started)
         assert self._runner is not None
         for (job, item), result in zip(prepared, results, strict=True):
             self._output_slots.acquire()
@@ -461,7 +465,3 @@ class Worker:
             if self._metrics is not None:
                 self._metrics.failed.inc()
             logger.warning("job %d failed: %s", outcome.job_id, outcome.reason)
-
-    def _observe(self, stage: str, started: float) -> None:
-        if self._metrics is not None:
-            self._metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
