@@ -171,10 +171,12 @@ class DicomSender(OutboxSender):
         return f"{self._names.pop(item.id, 'DICOM object')} {item.id} ({uid_hash(item.dedup_key)})"
 
     def _read(self, item: OutboxItem) -> tuple[Dataset, tuple[UID, UID]]:
-        """The object in ``item`` and its presentation context; remembers its name for :meth:`describe`."""
-        ds, context = _read(item)
-        self._names[item.id] = OBJECT_NAMES.get(context[0], "DICOM object")
-        return ds, context
+        """The object in ``item`` and its presentation context (SOP Class, transfer syntax); remembers its name for
+        :meth:`describe`."""
+        ds = dcmread(BytesIO(item.payload))
+        sop_class = UID(ds.SOPClassUID)
+        self._names[item.id] = OBJECT_NAMES.get(sop_class, "DICOM object")
+        return ds, (sop_class, UID(ds.file_meta.TransferSyntaxUID))
 
     def enqueue(self, sc_dataset_bytes: bytes, dedup_key: str, *, source_received_at: float | None = None) -> list[int]:
         """Store one DICOM object for every destination; returns the outbox ids.
@@ -287,12 +289,6 @@ class DicomSender(OutboxSender):
             dest.host, dest.port, ae_title=dest.ae_title, max_pdu=self.max_pdu,
             tls_args=(tls, dest.host) if tls is not None else None,
         )
-
-
-def _read(item: OutboxItem) -> tuple[Dataset, tuple[UID, UID]]:
-    """The object in ``item`` and its presentation context (SOP Class, transfer syntax)."""
-    ds = dcmread(BytesIO(item.payload))
-    return ds, (UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
 
 
 def _carries(assoc: Association, context: tuple[UID, UID]) -> bool:
