@@ -87,6 +87,21 @@ def copies(source: Path, n: int, directory: Path) -> list[Path]:
     return paths
 
 
+def process_cpu(pid: int, *, reaped_children: bool = False) -> tuple[float, float] | None:
+    """(CPU, kernel CPU) seconds a process has used, its ended threads included, and with ``reaped_children`` the
+    children it has waited for (Linux ``/proc/PID/stat``); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, kernel = int(fields[11]), int(fields[12])  # utime, stime
+    if reaped_children:
+        user, kernel = user + int(fields[13]), kernel + int(fields[14])  # cutime, cstime
+    return (user + kernel) / ticks, kernel / ticks
+
+
 class Sinks:
     """``bench.peers sinks`` as a child process; counts what it has received."""
 

@@ -55,7 +55,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from bench.peers import Sinks, copies, push  # noqa: E402
+from bench.peers import Sinks, copies, process_cpu, push  # noqa: E402
 from dicom_node.settings import DestinationSettings, Settings, load_settings  # noqa: E402
 
 SYNTAXES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
@@ -275,17 +275,27 @@ def _wait(node: Any, sinks: Sinks, expected: int, timeout: float, objects: int =
         time.sleep(0.05)  # this runs in the node's process: polling must not cost it CPU
 
 
-def _seed_model_settings(base: Settings, directory: Path) -> Settings:
+def selected_syntaxes(syntaxes: str) -> list[str]:
+    """The RG1 files of ``--syntaxes`` (a comma-separated subset of UNCR,J2KR,J2KI), in :data:`SYNTAXES`' order."""
+    return [name for name in SYNTAXES if name[4:8] in syntaxes.split(",")]
+
+
+def bench_settings(overrides: list[str], model: str, directory: Path) -> Settings:
+    """The configuration with ``--set`` overrides; with ``model`` "seed", the seed article's InceptionV3 with
+    random weights instead of the configured model, saved into ``directory`` and loaded like any configured one."""
+    base = load_settings(None, overrides=overrides)
+    if model != "seed":
+        return base
     from models.architectures import build_seed_inception
 
     path = directory / "seed_inceptionv3_random.keras"
     build_seed_inception(seed=0).save(path)
-    model = base.model.model_copy(update={
+    seed_model = base.model.model_copy(update={
         "path": str(path), "id": "seed-inceptionv3-random-weights", "version": "bench",
         "labels": ("covid19", "normal", "pneumonia"), "input_size": (256, 256), "channels": 3,
         "preprocess": "unit", "target_layer": "auto",
     })
-    return base.model_copy(update={"model": model})
+    return base.model_copy(update={"model": seed_model})
 
 
 def _forward_ms(processor: Any, batch: int, repeats: int = 15) -> float:
@@ -305,23 +315,11 @@ def _forward_ms(processor: Any, batch: int, repeats: int = 15) -> float:
     return statistics.median(samples) / batch
 
 
-def _process_cpu(pid: int, ticks: float) -> tuple[float, float] | None:
-    """(CPU, kernel CPU) seconds a process has used, its ended threads included (Linux ``/proc/PID/stat``)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    utime, stime = int(fields[11]) / ticks, int(fields[12]) / ticks
-    return utime + stime, stime
-
-
 class ChildCpu:
     """CPU seconds per role of the node's child processes (worker.processes) over a span."""
 
     def __init__(self, node: Any) -> None:
         self._node = node
-        self._ticks = os.sysconf("SC_CLK_TCK")
         self._start: dict[int, tuple[str, tuple[float, float]]] = {}
 
     def _read(self) -> dict[int, tuple[str, tuple[float, float]]]:
@@ -329,7 +327,7 @@ class ChildCpu:
         out = {}
         for role, pids in (process_ids() if process_ids is not None else {}).items():
             for pid in pids:
-                if (cpu := _process_cpu(pid, self._ticks)) is not None:
+                if (cpu := process_cpu(pid)) is not None:
                     out[pid] = (f"{role} process{'es' if len(pids) > 1 else ''}", cpu)
         return out
 
@@ -369,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cxr-lens-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        settings = load_settings(None, overrides=args.set)
-        if args.model == "seed":
-            settings = _seed_model_settings(settings, tmp)
+        settings = bench_settings(args.set, args.model, tmp)
         processor = load_processor(settings)
         batch = settings.worker.batch_size
         objects = sum(map(bool, (settings.outputs.secondary_capture, settings.outputs.parametric_map,
@@ -390,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bare forward pass: {forward:.1f} ms per image at batch {batch} (median of 15)\n", flush=True)
         inputs = {name: (copies(Path(get_testdata_file(name)), batch, tmp / f"{name}-warm"),
                          copies(Path(get_testdata_file(name)), args.n, tmp / name))
-                  for name in SYNTAXES if name[4:8] in args.syntaxes.split(",")}
+                  for name in selected_syntaxes(args.syntaxes)}
         runs: list[tuple[int, list[tuple[Any, ...]]]] = []
         ok = True
         for count in counts:

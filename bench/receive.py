@@ -36,7 +36,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-from bench.peers import copies, push
+from bench.peers import copies, process_cpu, push
+from dicom_node.peers.node_process import free_port, wait_until
 
 AE_TITLE = "CXRLENS"
 DCMTK_STORESCP = "/usr/bin/storescp"  # by path: pynetdicom installs console scripts of other names and options
@@ -67,51 +68,44 @@ class Row:
 
 
 def _cpu(pid: int) -> tuple[float, float]:
-    """(user, kernel) CPU seconds of ``pid`` and its reaped children (``/proc/<pid>/stat`` fields 14-17)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[13])) / ticks, (int(fields[12]) + int(fields[14])) / ticks
+    """(CPU, kernel CPU) seconds of the receiver ``pid``, the children it has reaped included (storescp forks)."""
+    cpu = process_cpu(pid, reaped_children=True)
+    if cpu is None:
+        raise SystemExit(f"the receiver (pid {pid}) is gone")
+    return cpu
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the receiver ended at start (exit {process.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"the receiver did not listen on port {port} within {timeout_s:.0f} s")
+def _listening(port: int, process: subprocess.Popen[bytes]) -> bool:
+    if process.poll() is not None:
+        raise SystemExit(f"the receiver ended at start (exit {process.returncode})")
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def measure(label: str, command: list[str], warm_up: list[Path], files: list[Path], senders: int) -> Row:
     """Start ``command`` (``{port}`` replaced), send ``warm_up`` then ``files``, and return its CPU per file."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([part.replace("{port}", str(port)) for part in command], stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(port, process)
+        if not wait_until(lambda: _listening(port, process), 60):
+            raise SystemExit(f"the receiver did not listen on port {port} within 60 s")
         push(port, AE_TITLE, warm_up, senders)
-        user0, kernel0 = _cpu(process.pid)
+        cpu0, kernel0 = _cpu(process.pid)
         _, start, end = push(port, AE_TITLE, files, senders)
         time.sleep(0.2)  # storescp's last association (and its pynetdicom twin's threads) wind down
-        user1, kernel1 = _cpu(process.pid)
+        cpu1, kernel1 = _cpu(process.pid)
     finally:
         process.kill()
         process.wait()
         assert process.stdin is not None
         process.stdin.close()
     n = len(files)
-    return Row(label, (user1 - user0) * 1e3 / n, (kernel1 - kernel0) * 1e3 / n, n / (end - start))
+    kernel_ms = (kernel1 - kernel0) * 1e3 / n
+    return Row(label, (cpu1 - cpu0) * 1e3 / n - kernel_ms, kernel_ms, n / (end - start))
 
 
 def receivers(directory: Path) -> list[tuple[str, list[str]]]:

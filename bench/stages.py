@@ -35,9 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from dicom_node.settings import DestinationSettings, HL7Settings, load_settings  # noqa: E402
+from bench.pipeline import bench_settings, selected_syntaxes  # noqa: E402
+from dicom_node.settings import DestinationSettings, HL7Settings  # noqa: E402
 
-SYNTAXES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 #: build_outputs' own step timings, in the order it runs them
 OUTPUT_STEPS = ("trust", "overlay", "secondary_capture", "parametric_map", "structured_report", "hl7")
 
@@ -120,17 +120,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[str, float]]]:
     rows: dict[str, list[tuple[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="cxr-lens-stages-") as tmp_name:
         tmp = Path(tmp_name)
-        settings = load_settings(None, overrides=args.set)
-        if args.model == "seed":
-            from bench.pipeline import _seed_model_settings
-
-            settings = _seed_model_settings(settings, tmp)
+        settings = bench_settings(args.set, args.model, tmp)
         processor = load_processor(settings)
         freeze_heap()  # as the node does once its model is loaded
         batch = settings.worker.batch_size
-        for name in SYNTAXES:
-            if name[4:8] not in args.syntaxes.split(","):
-                continue
+        for name in selected_syntaxes(args.syntaxes):
             data = Path(str(get_testdata_file(name))).read_bytes()
             (tmp / name).mkdir()
             rows[name[4:8]] = measure(processor, data, args.n, batch, tmp / name)
