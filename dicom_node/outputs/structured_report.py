@@ -271,6 +271,19 @@ def _measurement_report(
     return report
 
 
+def _handed_over(content: Dataset) -> Dataset:
+    """``content``, marked as handed over: a deep copy of it is the tree itself.
+
+    highdicom's SR constructor deep-copies the content tree it is given, so that a caller may go on using its
+    own, and builds its typed view from the copy. Ours is built for that one call and never touched again, and
+    the copy was a quarter of the report's cost (~5 of ~21 core-ms per report, measured with ``bench.stages``
+    and a side-by-side timing of both ways). The report is the same byte for byte (a test compares it with one
+    built from a tree deep-copied as usual); were highdicom to stop copying, this would change nothing.
+    """
+    object.__setattr__(content, "__deepcopy__", lambda memo: content)  # an instance attribute: copy finds it first
+    return content
+
+
 def _private_scheme_item() -> Dataset:
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -309,7 +322,7 @@ def build_structured_report(
         content = _measurement_report(source, result, label_codes, evidence, outputs)
         sr = hd.sr.Comprehensive3DSR(
             evidence=[source, *(_reference_header(source, ref) for _, ref in outputs)],
-            content=content[0],
+            content=_handed_over(content[0]),
             series_instance_uid=series_uid,
             series_number=STRUCTURED_REPORT_SERIES_NUMBER,
             sop_instance_uid=sop_uid,
