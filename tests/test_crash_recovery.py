@@ -18,7 +18,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # t
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
-from dicom_node.peers.node_process import free_port
+from dicom_node.peers.node_process import new_layout
 from tests.support.peers import sample
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
@@ -77,32 +77,9 @@ def _unfinished(spool: Path) -> tuple[int, int]:
 
 
 def test_sigkill_with_jobs_and_outbox_pending(tmp_path: Path) -> None:
-    node_port, pacs_port, hl7_port = free_port(), free_port(), free_port()
-    spool = tmp_path / "spool"
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-host = "127.0.0.1"
-port = {node_port}
-http_port = 0
-spool_dir = "{spool}"
-free_disk_floor_mb = 0
-retry_initial_s = 0.2
-retry_max_s = 1.0
-[worker]
-batch_size = 2
-batch_wait_ms = 0
-[[destinations]]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[hl7]
-host = "127.0.0.1"
-port = {hl7_port}
-retry_initial_s = 0.2
-retry_max_s = 1.0
-""")
-    log = tmp_path / "node.log"
+    layout = new_layout(tmp_path, batch_size=2, batch_wait_ms=0, processes="auto")
+    node_port, pacs_port, hl7_port = layout.node_port, layout.pacs_port, layout.hl7_port
+    spool, config, log = layout.spool, layout.config, layout.log
     # First life: the PACS and the HL7 receiver are down, so outputs can only wait in the outbox.
     proc = _start_node(config, log)
     try:

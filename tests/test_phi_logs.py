@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
-from dicom_node.peers.node_process import free_port
+from dicom_node.peers.node_process import new_layout
 from dicom_node.peers.node_process import wait_until as _wait_until
 from dicom_node.peers.synthetic_cr import make_cr_dataset
 from dicom_node.settings import DestinationSettings, load_settings
@@ -150,25 +150,8 @@ def test_round_trip_logs_no_patient_data_in_process(tmp_path: Path, caplog: pyte
 
 def test_serve_subprocess_logs_no_patient_data(tmp_path: Path) -> None:
     """``python -m dicom_node.cli serve -v``: everything it writes to stderr (logging at DEBUG, warnings)."""
-    node_port, pacs_port, hl7_port = free_port(), free_port(), free_port()
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-host = "127.0.0.1"
-port = {node_port}
-http_port = 0
-spool_dir = "{tmp_path / 'spool'}"
-free_disk_floor_mb = 0
-[worker]
-batch_wait_ms = 0
-[[destinations]]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[hl7]
-host = "127.0.0.1"
-port = {hl7_port}
-""")
+    layout = new_layout(tmp_path, batch_wait_ms=0, processes="auto")
+    node_port, pacs_port, hl7_port, config = layout.node_port, layout.pacs_port, layout.hl7_port, layout.config
     pacs = DicomSink(tmp_path / "pacs", ae_title="PACS", port=pacs_port)
     ris = HL7Sink("127.0.0.1", hl7_port, tmp_path / "hl7")
     pacs.start()

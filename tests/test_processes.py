@@ -26,7 +26,7 @@ from typing_extensions import Buffer
 from dicom_node.ops.metrics import Metrics
 from dicom_node.peers.dicom_sink import DicomSink
 from dicom_node.peers.hl7_sink import HL7Sink
-from dicom_node.peers.node_process import free_port, wait_until
+from dicom_node.peers.node_process import new_layout, wait_until
 from dicom_node.process.processes import (
     ProcessMetrics,
     StageContext,
@@ -286,34 +286,10 @@ def _jobs(spool: Path) -> dict[str, int]:
 @pytest.mark.tf
 @pytest.mark.slow
 def test_node_in_processes_survives_sigkill_of_each_process_and_of_all(tmp_path: Path) -> None:
-    node_port, pacs_port, hl7_port = free_port(), free_port(), free_port()
-    spool, config, log = tmp_path / "spool", tmp_path / "node.toml", tmp_path / "node.log"
-    config.write_text(f"""
-[node]
-host = "127.0.0.1"
-port = {node_port}
-http_port = 0
-spool_dir = "{spool}"
-free_disk_floor_mb = 0
-retry_initial_s = 0.2
-retry_max_s = 1.0
-[worker]
-batch_size = 2
-batch_wait_ms = 0
-processes = 1
-[outputs]
-parametric_map = false
-structured_report = false
-[[destinations]]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[hl7]
-host = "127.0.0.1"
-port = {hl7_port}
-retry_initial_s = 0.2
-retry_max_s = 1.0
-""")
+    layout = new_layout(tmp_path, batch_size=2, batch_wait_ms=0, processes=1,
+                        extra="[outputs]\nparametric_map = false\nstructured_report = false\n")
+    node_port, pacs_port, hl7_port = layout.node_port, layout.pacs_port, layout.hl7_port
+    spool, config, log = layout.spool, layout.config, layout.log
     pacs = DicomSink(tmp_path / "pacs", ae_title="PACS", port=pacs_port)
     ris = HL7Sink("127.0.0.1", hl7_port, tmp_path / "hl7")
     pacs.start()

@@ -22,11 +22,11 @@ import pytest
 from bench.delivery import Peers, collect_delivery
 from dicom_node.peers.modality import RetryingModality
 from dicom_node.peers.node_process import (
-    PACS_AE,
     ROOT,
     NodeLayout,
     free_port,
     new_layout,
+    node_toml,
     process_tree,
     wait_until,
 )
@@ -96,31 +96,8 @@ class RoleProcess:
 
 def write_config(path: Path, layout: NodeLayout, url: str, *, port: int) -> None:
     """One process's configuration: its own DICOM port, the shared spool, database, PACS and HL7 receiver."""
-    path.write_text(f"""
-[node]
-host = "127.0.0.1"
-port = {port}
-http_port = 0
-spool_dir = "{layout.spool}"
-free_disk_floor_mb = 0
-retry_initial_s = 0.2
-retry_max_s = 1.0
-[worker]
-batch_size = 8
-batch_wait_ms = 50
-[storage]
-url = "{url}"
-lease_s = {LEASE_S}
-[[destinations]]
-ae_title = "{PACS_AE}"
-host = "127.0.0.1"
-port = {layout.pacs_port}
-[hl7]
-host = "127.0.0.1"
-port = {layout.hl7_port}
-retry_initial_s = 0.2
-retry_max_s = 1.0
-""")
+    path.write_text(node_toml(layout, port=port, batch_size=8, processes="auto",
+                              extra=f'[storage]\nurl = "{url}"\nlease_s = {LEASE_S}\n'))
 
 
 def query(url: str, sql: str) -> list[tuple]:

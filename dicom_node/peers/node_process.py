@@ -7,6 +7,7 @@ The node runs as ``python -m dicom_node.cli serve --config FILE``, so it can be 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -69,39 +70,50 @@ class NodeLayout:
 
 
 def new_layout(root: Path, *, batch_size: int = 16, batch_wait_ms: int = 50, retry_initial_s: float = 0.2,
-               retry_max_s: float = 1.0, processes: int = 0) -> NodeLayout:
-    """Pick free ports and write the node's TOML configuration under ``root`` (default model: the demo;
-    ``processes``: worker.processes)."""
+               retry_max_s: float = 1.0, processes: int | str = 0, extra: str = "") -> NodeLayout:
+    """Pick free ports and write the node's TOML configuration under ``root`` (:func:`node_toml`)."""
     root.mkdir(parents=True, exist_ok=True)
     ports: set[int] = set()
     while len(ports) < 3:
         ports.add(free_port())
     node_port, pacs_port, hl7_port = sorted(ports)
     layout = NodeLayout(root, node_port, pacs_port, hl7_port)
-    layout.config.write_text(f"""
+    layout.config.write_text(node_toml(
+        layout, batch_size=batch_size, batch_wait_ms=batch_wait_ms, retry_initial_s=retry_initial_s,
+        retry_max_s=retry_max_s, processes=processes, extra=extra,
+    ))
+    return layout
+
+
+def node_toml(layout: NodeLayout, *, port: int | None = None, batch_size: int = 16, batch_wait_ms: int = 50,
+              retry_initial_s: float = 0.2, retry_max_s: float = 1.0, processes: int | str = 0,
+              extra: str = "") -> str:
+    """A node's configuration for ``layout``: the DICOM port (``port``, else the layout's), its spool, the PACS and
+    HL7 receiver; the demo model (the default). ``processes``: worker.processes (a count or "auto"); ``extra``:
+    more TOML tables (``[outputs]``, ``[storage]``), appended as given."""
+    return f"""
 [node]
 host = "127.0.0.1"
-port = {node_port}
+port = {port if port is not None else layout.node_port}
 http_port = 0
-spool_dir = "{layout.spool}"
+spool_dir = {json.dumps(str(layout.spool))}
 free_disk_floor_mb = 0
 retry_initial_s = {retry_initial_s}
 retry_max_s = {retry_max_s}
 [worker]
 batch_size = {batch_size}
 batch_wait_ms = {batch_wait_ms}
-processes = {processes}
+processes = {json.dumps(processes)}
 [[destinations]]
 ae_title = "{PACS_AE}"
 host = "127.0.0.1"
-port = {pacs_port}
+port = {layout.pacs_port}
 [hl7]
 host = "127.0.0.1"
-port = {hl7_port}
+port = {layout.hl7_port}
 retry_initial_s = {retry_initial_s}
 retry_max_s = {retry_max_s}
-""")
-    return layout
+{extra}"""
 
 
 class NodeProcess:
