@@ -163,9 +163,9 @@ def test_wait_for_work_wakes_on_add_and_on_wake(backend: Backend) -> None:
 
 
 def test_concurrent_claimers_never_share_a_job(backend: Backend) -> None:
-    # SQLite: one queue object per process, shared by its threads; PostgreSQL: one queue (connection) per claimer.
+    # One queue object per claimer, as processes have (SQLite: a connection each; PostgreSQL: one each too).
     first = backend.jobs()
-    claimers = [first, first] if backend.name == "sqlite" else [first, backend.jobs()]
+    claimers = [first, backend.jobs()]
     ids = {first.add(k)[0] for k in KEYS}
     got: list[list[int]] = [[], []]
     start = threading.Barrier(2)
@@ -251,6 +251,35 @@ def test_outbox_dedup_fifo_retry_park_and_resend(backend: Backend) -> None:
     again = box.get(ids[1])
     assert again is not None and (again.state, again.attempts, again.payload) == ("pending", 0, b"new")
     assert box.get(10_000) is None
+
+
+def test_two_outboxes_enqueueing_the_same_outputs_at_once_store_each_once(backend: Backend) -> None:
+    """Stage processes (``worker.processes`` >= 2) each hold an outbox of their own on the same store. Two jobs can
+    make the same outputs (one SOP Instance received twice with different bytes), so two processes may enqueue one
+    dedup key at the same moment: each call must return the one item, never fail on the other's insert."""
+    boxes = [backend.outbox(), backend.outbox()]
+    keys = [f"sr-{i}" for i in range(150)]
+    got: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def enqueue(n: int) -> None:
+        start.wait()
+        try:
+            for key in keys:
+                got[n].append(boxes[n].enqueue("dicom", "PACS@h:1", key, f"{key} from {n}".encode(), resend=True,
+                                               source_received_at=0.0))
+        except BaseException as exc:  # noqa: BLE001 (reported below, with the thread's name)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enqueue, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, [type(e).__name__ + ": " + str(e) for e in errors]
+    assert got[0] == got[1] and len(set(got[0])) == len(keys)
+    assert boxes[0].counts() == {("dicom", "pending"): len(keys)}
 
 
 def test_resend_replaces_an_earlier_studys_output_but_not_the_same_instances(backend: Backend) -> None:

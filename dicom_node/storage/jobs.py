@@ -7,11 +7,12 @@ was being processed when the node stopped is requeued at the next start.
 from __future__ import annotations
 
 import enum
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dicom_node.storage.sqlite import connect, write_transaction
 
 JOBS_DB = "jobs.sqlite"
 
@@ -71,13 +72,9 @@ class JobQueue:
 
     def __init__(self, db_path: Path | str) -> None:
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_JOB_SCHEMA)
+        self._db = connect(self.db_path, _JOB_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -90,7 +87,7 @@ class JobQueue:
         the peer re-sending it is the operator's way to retry.
         """
         now = time.time()
-        with self._work, self._db:
+        with self._work, write_transaction(self._db):
             row = self._db.execute("SELECT id, state FROM jobs WHERE spool_key=?", (spool_key,)).fetchone()
             if row is None:
                 cur = self._db.execute(
@@ -137,7 +134,7 @@ class JobQueue:
         (:meth:`begin_attempt`), as the pipelined worker does for jobs it claims ahead of the model.
         """
         now = time.time()
-        with self._lock, self._db:
+        with self._lock, write_transaction(self._db):
             ids = [
                 r[0]
                 for r in self._db.execute(
@@ -185,7 +182,7 @@ class JobQueue:
         process cannot crash it forever.
         """
         now = time.time()
-        with self._work, self._db:
+        with self._work, write_transaction(self._db):
             self._db.execute(
                 "UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE state='processing' AND attempts>=?",
                 (f"interrupted {max_attempts} times (crash while processing?)", now, max_attempts),

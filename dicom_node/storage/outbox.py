@@ -7,11 +7,12 @@ parked, which is what HL7 receivers with a pool size of one (IRIS) expect.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dicom_node.storage.sqlite import connect, write_transaction
 
 OUTBOX_DB = "outbox.sqlite"
 
@@ -57,12 +58,8 @@ class Outbox:
 
     def __init__(self, db_path: Path | str) -> None:
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect(self.db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -82,7 +79,7 @@ class Outbox:
         ``created_at`` is when the item's current payload was enqueued.
         """
         now = time.time()
-        with self._lock, self._db:
+        with self._lock, write_transaction(self._db):
             row = self._db.execute(
                 "SELECT id, state, created_at FROM outbox WHERE channel=? AND destination=? AND dedup_key=?",
                 (channel, destination, dedup_key),
