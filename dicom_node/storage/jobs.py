@@ -67,7 +67,23 @@ def _job(row: tuple) -> Job:
     return Job(row[0], row[1], row[2], row[3], JobState(row[4]), *row[5:])
 
 
-class JobQueue:
+class JobSettling:
+    """A job's final states, written the same way by both job stores: each store supplies ``_set``."""
+
+    def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
+        raise NotImplementedError
+
+    def complete(self, job_id: int) -> None:
+        self._set(job_id, JobState.DONE, None, None)
+
+    def fail(self, job_id: int, reason: str) -> None:
+        self._set(job_id, JobState.FAILED, None, reason)
+
+    def mark_ineligible(self, job_id: int, rule: str | None, reason: str) -> None:
+        self._set(job_id, JobState.INELIGIBLE, rule, reason)
+
+
+class JobQueue(JobSettling):
     """Thread-safe job queue in one SQLite file (WAL). One row per distinct received content."""
 
     def __init__(self, db_path: Path | str) -> None:
@@ -158,15 +174,6 @@ class JobQueue:
         """Count one attempt at a claimed job (see ``claim_batch(count_attempt=False)``)."""
         with self._lock, self._db:
             self._db.execute("UPDATE jobs SET attempts=attempts+1 WHERE id=?", (job_id,))
-
-    def complete(self, job_id: int) -> None:
-        self._set(job_id, JobState.DONE, None, None)
-
-    def fail(self, job_id: int, reason: str) -> None:
-        self._set(job_id, JobState.FAILED, None, reason)
-
-    def mark_ineligible(self, job_id: int, rule: str | None, reason: str) -> None:
-        self._set(job_id, JobState.INELIGIBLE, rule, reason)
 
     def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
         with self._lock, self._db:

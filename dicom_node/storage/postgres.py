@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 
 from dicom_node.storage.backend import NodeIdentity, StorageError, StorageNotFound, redacted
-from dicom_node.storage.jobs import Job, JobState
+from dicom_node.storage.jobs import Job, JobSettling, JobState
 from dicom_node.storage.outbox import OutboxItem
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class _Listener:
         self.listening = False
 
 
-class PostgresJobQueue:
+class PostgresJobQueue(JobSettling):
     """The job queue in PostgreSQL: the same methods and states as :class:`~dicom_node.storage.jobs.JobQueue`."""
 
     def __init__(
@@ -545,15 +545,6 @@ class PostgresJobQueue:
     def begin_attempt(self, job_id: int) -> None:
         with self._db.transaction() as cur:
             cur.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = %s", (job_id,))
-
-    def complete(self, job_id: int) -> None:
-        self._set(job_id, JobState.DONE, None, None)
-
-    def fail(self, job_id: int, reason: str) -> None:
-        self._set(job_id, JobState.FAILED, None, reason)
-
-    def mark_ineligible(self, job_id: int, rule: str | None, reason: str) -> None:
-        self._set(job_id, JobState.INELIGIBLE, rule, reason)
 
     def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
         with self._in_hand_lock:
