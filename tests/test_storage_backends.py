@@ -162,10 +162,11 @@ def test_wait_for_work_wakes_on_add_and_on_wake(backend: Backend) -> None:
     assert time.monotonic() - started < 5.0
 
 
-def test_concurrent_claimers_never_share_a_job(backend: Backend) -> None:
-    # One queue object per claimer, as processes have (SQLite: a connection each; PostgreSQL: one each too).
+@pytest.mark.parametrize("shared", [True, False], ids=["threads of one queue", "a queue each"])
+def test_concurrent_claimers_never_share_a_job(backend: Backend, shared: bool) -> None:
+    # Threads share their process's queue object; processes have one each (a connection of their own).
     first = backend.jobs()
-    claimers = [first, backend.jobs()]
+    claimers = [first, first if shared else backend.jobs()]
     ids = {first.add(k)[0] for k in KEYS}
     got: list[list[int]] = [[], []]
     start = threading.Barrier(2)

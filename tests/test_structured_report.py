@@ -3,8 +3,10 @@ dsrdump, read back by highdicom."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import pickle
 from pathlib import Path
 
 import highdicom as hd
@@ -268,7 +270,12 @@ def test_handing_the_tree_over_to_highdicom_writes_the_report_it_writes_from_a_c
         src, result, secondary_capture=sc, parametric_map=pm, evidence=EVIDENCE
     )
     handed_over = build()
-    monkeypatch.setattr(structured_report, "_handed_over", lambda content: content)
+    # Handed over for the constructor only: the report's tree copies, pickles and is freed like any other.
+    root = handed_over.content[0]
+    assert "__deepcopy__" not in vars(root)
+    assert copy.deepcopy(handed_over).content[0] is not root
+    assert pickle.loads(pickle.dumps(handed_over)).SOPInstanceUID == handed_over.SOPInstanceUID
+    monkeypatch.setattr(structured_report, "_handed_over", contextlib.nullcontext)
     copied = build()
     _stamped_like(handed_over, copied)
     assert _part10(handed_over) == _part10(copied)

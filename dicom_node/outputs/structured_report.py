@@ -23,7 +23,8 @@ Identity is deterministic like the overlay's: (source, model id, model version, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -271,8 +272,9 @@ def _measurement_report(
     return report
 
 
-def _handed_over(content: Dataset) -> Dataset:
-    """``content``, marked as handed over: a deep copy of it is the tree itself.
+@contextmanager
+def _handed_over(content: Dataset) -> Iterator[Dataset]:
+    """``content``, handed over to highdicom for the ``with`` block: a deep copy of it is the tree itself.
 
     highdicom's SR constructor deep-copies the content tree it is given, so that a caller may go on using its
     own, and builds its typed view from the copy. Ours is built for that one call and never touched again, and
@@ -281,7 +283,12 @@ def _handed_over(content: Dataset) -> Dataset:
     built from a tree deep-copied as usual); were highdicom to stop copying, this would change nothing.
     """
     object.__setattr__(content, "__deepcopy__", lambda memo: content)  # an instance attribute: copy finds it first
-    return content
+    try:
+        yield content
+    finally:
+        # The report keeps this tree as its typed view: left on it, the attribute would make the tree a reference
+        # cycle (freed only by the cycle collector), the report unpicklable, and its later deep copies shared.
+        vars(content).pop("__deepcopy__", None)
 
 
 def _private_scheme_item() -> Dataset:
@@ -320,18 +327,19 @@ def build_structured_report(
     ]
     try:
         content = _measurement_report(source, result, label_codes, evidence, outputs)
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=[source, *(_reference_header(source, ref) for _, ref in outputs)],
-            content=_handed_over(content[0]),
-            series_instance_uid=series_uid,
-            series_number=STRUCTURED_REPORT_SERIES_NUMBER,
-            sop_instance_uid=sop_uid,
-            instance_number=_instance_number(source),
-            manufacturer=NODE_MANUFACTURER,
-            is_complete=True,
-            is_final=False,  # PRELIMINARY and UNVERIFIED: an AI result no person has read
-            series_description=series_description(result),
-        )
+        with _handed_over(content[0]) as root:
+            sr = hd.sr.Comprehensive3DSR(
+                evidence=[source, *(_reference_header(source, ref) for _, ref in outputs)],
+                content=root,
+                series_instance_uid=series_uid,
+                series_number=STRUCTURED_REPORT_SERIES_NUMBER,
+                sop_instance_uid=sop_uid,
+                instance_number=_instance_number(source),
+                manufacturer=NODE_MANUFACTURER,
+                is_complete=True,
+                is_final=False,  # PRELIMINARY and UNVERIFIED: an AI result no person has read
+                series_description=series_description(result),
+            )
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         # highdicom's and pydicom's messages quote the offending value, which may be patient data: type only.
         message = f"the source header cannot make a Structured Report ({type(exc).__name__})"
