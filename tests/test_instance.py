@@ -24,6 +24,7 @@ from dicom_node.imaging.instance import read_data_set, read_file
 from dicom_node.imaging.pixels import render_display
 from dicom_node.peers.synthetic_cr import make_cr_dataset
 from dicom_node.storage.spool import Spool
+from tests.support.outputs import part10_bytes
 
 # Real files: CR uncompressed (explicit and implicit VR), JPEG 2000 lossless and lossy, big endian, deflated,
 # JPEG extended and lossless, RLE, JPEG-LS, signed CT.
@@ -36,12 +37,6 @@ def _path(name: str) -> Path:
     if path is None:
         pytest.fail(f"pydicom-data does not provide {name}")
     return Path(path)
-
-
-def _part10(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -87,7 +82,7 @@ def test_read_data_set_reads_a_c_store_data_set_up_to_its_pixels(syntax: str) ->
 
 
 def test_a_pixel_data_element_header_cut_short_is_no_pixel_data() -> None:
-    data = _part10(make_cr_dataset(rows=32, cols=32))
+    data = part10_bytes(make_cr_dataset(rows=32, cols=32))
     cut = data[: data.index(struct.pack("<HH", 0x7FE0, 0x0010)) + 5]
     instance = read_file(cut)
     assert instance.pixel_data is None
@@ -96,7 +91,7 @@ def test_a_pixel_data_element_header_cut_short_is_no_pixel_data() -> None:
 
 
 def test_pixel_data_cut_short_fails_by_name_as_pydicom_would() -> None:
-    data = _part10(make_cr_dataset(rows=32, cols=32))[:-100]
+    data = part10_bytes(make_cr_dataset(rows=32, cols=32))[:-100]
     instance = read_file(data)
     assert instance.pixel_data is not None and len(instance.pixel_data) == 32 * 32 * 2 - 100
     with pytest.raises(DecodeError, match="less than expected"):
@@ -152,7 +147,7 @@ def test_an_invalid_window_still_falls_back_to_percentiles_of_the_image() -> Non
 
 def test_spool_maps_an_instance_and_drops_it_from_the_page_cache(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    data = _part10(make_cr_dataset(rows=32, cols=32))
+    data = part10_bytes(make_cr_dataset(rows=32, cols=32))
     key = spool.write([data[:200], memoryview(data)[200:]])  # written from parts, keyed by the whole
     assert key == Spool.key_for(data) and spool.read(key) == data
     with spool.mapped(key) as view:

@@ -46,7 +46,7 @@ from dicom_node.process.rules import load_rules
 from dicom_node.settings import DestinationSettings, LabelCode, OutputsSettings, Settings, load_settings
 from dicom_node.storage.jobs import JobState
 from dicom_node.storage.outbox import Outbox
-from tests.support.outputs import StandInExplanation, StandInModel
+from tests.support.outputs import StandInExplanation, StandInModel, part10_bytes
 
 LABELS = ("no_finding", "focal_opacity")
 
@@ -122,7 +122,7 @@ def test_the_map_is_the_explained_heatmap_on_the_source_grid() -> None:
 def test_the_report_references_the_source_the_overlay_and_the_map() -> None:
     source = _source()
     out = _processed(_processor(), source)
-    sr = hd.sr.srread(io.BytesIO(_part10(out.structured_report)))  # type: ignore[arg-type]
+    sr = hd.sr.srread(io.BytesIO(part10_bytes(out.structured_report)))  # type: ignore[arg-type]
     group = sr.content.get_image_measurement_groups()[0]
     referenced = {
         item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -134,12 +134,6 @@ def test_the_report_references_the_source_the_overlay_and_the_map() -> None:
     assert referenced == expected
     finding = group.finding_type
     assert (finding.value, finding.scheme_designator) == ("focal_opacity", "99CXRL")
-
-
-def _part10(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def test_the_oru_names_the_map_and_the_report() -> None:
@@ -176,7 +170,7 @@ def test_outputs_turned_off_are_neither_built_nor_named(enabled: dict[str, bool]
     # The ORU keeps one key whichever objects exist, so a re-processed image never sends a second message.
     assert out.oru_key == overlay_uids(source, out.result)[1]
     if out.structured_report is not None:
-        sr = hd.sr.srread(io.BytesIO(_part10(out.structured_report)))
+        sr = hd.sr.srread(io.BytesIO(part10_bytes(out.structured_report)))
         images = [item for item in sr.content.get_image_measurement_groups()[0][0].ContentSequence
                   if item.ValueType == "IMAGE"]
         assert len(images) == 1 + built["secondary_capture"] + built["parametric_map"]
@@ -185,7 +179,7 @@ def test_outputs_turned_off_are_neither_built_nor_named(enabled: dict[str, bool]
 def test_label_codes_from_the_settings_reach_the_report() -> None:
     pneumonia = LabelCode(value="233604007", scheme="SCT", meaning="Pneumonia")
     out = _processed(_processor(label_codes={"focal_opacity": pneumonia}))
-    sr = hd.sr.srread(io.BytesIO(_part10(out.structured_report)))  # type: ignore[arg-type]
+    sr = hd.sr.srread(io.BytesIO(part10_bytes(out.structured_report)))  # type: ignore[arg-type]
     group = sr.content.get_image_measurement_groups()[0]
     assert (group.finding_type.value, group.finding_type.scheme_designator) == ("233604007", "SCT")
     names = {m.name.value for m in group.get_measurements()}
@@ -343,6 +337,6 @@ def test_the_test_model_and_a_trust_warning_are_named_in_the_map_and_the_report(
     assert pm.SeriesDescription.endswith(" TEST") and sr.SeriesDescription.endswith(" TEST")
     assert "TEST MODEL" in pm.ImageComments and result.trust_warning in pm.ImageComments
     assert result.trust_warning.startswith("CHECK: ")
-    group = hd.sr.srread(io.BytesIO(_part10(sr))).content.get_image_measurement_groups()[0]
+    group = hd.sr.srread(io.BytesIO(part10_bytes(sr))).content.get_image_measurement_groups()[0]
     shares = {m.name.value: m.value for m in group.get_measurements()}
     assert float(shares["lung_share"]) == pytest.approx(0.03)

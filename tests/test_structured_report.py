@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import pickle
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from tests.support.dicom_tools import (
     requires_dsrdump,
     requires_pixelmed,
 )
-from tests.support.outputs import SOURCE_KINDS, inference_result, source_radiograph
+from tests.support.outputs import SOURCE_KINDS, inference_result, part10_bytes, source_radiograph
 
 EVIDENCE = {
     "lungs": 0.31,
@@ -278,14 +277,8 @@ def test_handing_the_tree_over_to_highdicom_writes_the_report_it_writes_from_a_c
     monkeypatch.setattr(structured_report, "_handed_over", contextlib.nullcontext)
     copied = build()
     _stamped_like(handed_over, copied)
-    assert _part10(handed_over) == _part10(copied)
+    assert part10_bytes(handed_over) == part10_bytes(copied)
     assert len(hd.sr.Comprehensive3DSR.from_dataset(handed_over).content.get_image_measurement_groups()) == 1
-
-
-def _part10(dataset: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def test_a_header_that_cannot_be_copied_is_a_named_error() -> None:

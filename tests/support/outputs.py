@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,3 +78,10 @@ def source_radiograph(kind: str, rows: int = 64, cols: int = 60) -> pydicom.Data
         ds.ImagerPixelSpacing = [0.15, 0.143]
         return ds
     raise ValueError(kind)
+
+
+def part10_bytes(dataset: pydicom.Dataset) -> bytes:
+    """``dataset`` as a Part 10 file's bytes (preamble, file meta, data set), as the node stores its outputs."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
