@@ -172,11 +172,11 @@ class JobQueue(JobSettling):
 
     def begin_attempt(self, job_id: int) -> None:
         """Count one attempt at a claimed job (see ``claim_batch(count_attempt=False)``)."""
-        with self._lock, self._db:
+        with self._lock:  # one statement: atomic on its own (autocommit)
             self._db.execute("UPDATE jobs SET attempts=attempts+1 WHERE id=?", (job_id,))
 
     def _set(self, job_id: int, state: JobState, rule: str | None, reason: str | None) -> None:
-        with self._lock, self._db:
+        with self._lock:  # one statement: atomic on its own (autocommit)
             self._db.execute(
                 "UPDATE jobs SET state=?, rule=?, reason=?, updated_at=? WHERE id=?",
                 (state.value, rule, reason, time.time(), job_id),

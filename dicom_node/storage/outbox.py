@@ -160,7 +160,7 @@ class Outbox:
         return [OutboxItem(*r) for r in rows]
 
     def _set(self, item_id: int, assignments: str, params: tuple) -> None:
-        with self._lock, self._db:
+        with self._lock:  # one statement: atomic on its own (autocommit)
             self._db.execute(
                 f"UPDATE outbox SET {assignments}, updated_at=? WHERE id=?",  # assignments are literals above
                 (*params, time.time(), item_id),
